@@ -1,0 +1,1 @@
+"""The HTTP API: request schemas, vector encodings, routes and error responses."""

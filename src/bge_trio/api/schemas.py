@@ -1,0 +1,138 @@
+"""Parsing and validating request bodies.
+
+Bodies are checked here, before any work is queued, and every problem becomes a
+400 that names the offending field. Unknown fields are accepted and ignored, as
+OpenAI does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+import orjson
+
+from bge_trio.errors import ApiError, invalid
+
+EncodingFormat = Literal["float", "base64"]
+
+
+@attrs.frozen
+class Inputs:
+    """A request's inputs: texts, or token id lists (exactly one is set)."""
+
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids or [])
+
+
+def parse_json_body(content_type: str | None, data: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 415/400 explaining what is wrong."""
+    mimetype = (content_type or "").split(";", 1)[0].strip().lower()
+    if mimetype != "application/json":
+        raise ApiError(
+            415,
+            f"Content-Type must be application/json, not {mimetype or 'missing'!r}",
+            code="unsupported_media_type",
+        )
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_inputs(value: object, *, max_items: int, param: str = "input") -> Inputs:
+    """OpenAI's ``input``: a string, strings, a token id list, or token id lists."""
+    if value is None:
+        raise invalid(f"'{param}' is required", param=param, code="missing_input")
+    if isinstance(value, str):
+        return Inputs([value], None)
+    if not isinstance(value, list):
+        raise invalid(
+            f"'{param}' must be a string, a list of strings, a list of token ids or a list of "
+            "token id lists",
+            param=param,
+            code="invalid_input",
+        )
+    if not value:
+        raise invalid(f"'{param}' must not be empty", param=param, code="empty_input")
+    if len(value) > max_items:
+        raise invalid(
+            f"'{param}' has {len(value)} items; at most {max_items} are allowed per request",
+            param=param,
+            code="too_many_inputs",
+        )
+    if all(isinstance(v, str) for v in value):
+        return Inputs(list(value), None)
+    if all(_is_int(v) for v in value):
+        return Inputs(None, [list(value)])
+    if all(isinstance(v, list) for v in value):
+        for index, ids in enumerate(value):
+            if not ids:
+                raise invalid(
+                    f"'{param}[{index}]' is an empty token id list", param=param,
+                    code="empty_input",
+                )
+            if not all(_is_int(t) for t in ids):
+                raise invalid(
+                    f"'{param}[{index}]' must be a list of integer token ids", param=param,
+                    code="invalid_input",
+                )
+        return Inputs(None, [list(ids) for ids in value])
+    raise invalid(
+        f"'{param}' mixes types; use only strings, only token ids, or only token id lists",
+        param=param,
+        code="invalid_input",
+    )
+
+
+def parse_encoding_format(body: dict[str, Any]) -> EncodingFormat:
+    value = body.get("encoding_format", "float")
+    if value is None:
+        return "float"
+    if value not in ("float", "base64"):
+        raise invalid(
+            f"'encoding_format' must be 'float' or 'base64', not {value!r}",
+            param="encoding_format",
+            code="invalid_encoding_format",
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def parse_dimensions(body: dict[str, Any], model_dimension: int) -> int | None:
+    value = body.get("dimensions")
+    if value is None:
+        return None
+    if not _is_int(value) or not 1 <= value <= model_dimension:
+        raise invalid(
+            f"'dimensions' must be an integer from 1 to {model_dimension}, not {value!r}",
+            param="dimensions",
+            code="invalid_dimensions",
+        )
+    return int(value)
+
+
+def parse_flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be true or false", param=name, code="invalid_type")
+    return value
+
+
+def check_model(body: dict[str, Any]) -> None:
+    """``model`` is optional and any name is accepted (one model is served), but it must be a string."""
+    value = body.get("model")
+    if value is not None and not isinstance(value, str):
+        raise invalid("'model' must be a string", param="model", code="invalid_type")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("'user' must be a string", param="user", code="invalid_type")

@@ -1,0 +1,67 @@
+"""The application: the Quart-Trio app, its routes, and its lifecycle.
+
+``before_serving`` only starts the service as a task in the app's nursery and
+returns at once, so hypercorn's 60 s lifespan startup limit never races the model
+load and the memory probe; ``/health`` says when the server is ready. If startup
+fails for good (no usable model, a memory limit too small for one text), the
+process logs why and exits with status 3 so the orchestrator can act on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+from quart_trio import QuartTrio
+
+from bge_trio import logs
+from bge_trio.api import errors, routes
+from bge_trio.config import Settings
+from bge_trio.model.source import ModelSource, resolve_model
+from bge_trio.service import EmbeddingService
+
+log = logging.getLogger(__name__)
+
+EXIT_STARTUP_FAILED = 3
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    source: ModelSource | None = None,
+    root: Path = Path("/"),
+    exit_on_failure: bool = True,
+) -> QuartTrio:
+    """Build the app; raises ConfigError / ModelNotFoundError for a bad configuration."""
+    settings = settings or Settings.from_env()
+    logs.configure(settings.log_level)
+    source = source or resolve_model(settings.model)
+    service = EmbeddingService(settings, source, root=root)
+
+    app = QuartTrio("bge_trio")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
+    app.extensions["bge_trio"] = service
+    app.register_blueprint(routes.create_blueprint(service))
+    errors.register(app)
+
+    @app.before_serving
+    async def start_service() -> None:
+        await app.nursery.start(service.run)
+        if exit_on_failure:
+            app.nursery.start_soon(_exit_when_failed, service)
+
+    return app
+
+
+async def _exit_when_failed(service: EmbeddingService) -> None:
+    await service.failed.wait()
+    # Give requests that waited at the gate a moment to receive their 503.
+    await trio.sleep(0.5)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_STARTUP_FAILED)

@@ -1,0 +1,136 @@
+"""The ``bge-trio`` command: ``serve`` and ``probe``.
+
+``serve`` is hypercorn with the trio worker and ``bge_trio.asgi:app``; its flags
+are another way to set the ``BGE_TRIO_*`` variables, which it exports so every
+worker process reads the same settings. ``probe`` runs the memory probe in the
+foreground, prints what it measured, and writes the probe cache that a server
+with the same configuration will then start from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from bge_trio import __version__
+from bge_trio.config import PREFIX, ConfigError, Settings
+from bge_trio.model.source import ModelNotFoundError, resolve_model
+
+# flag -> environment variable suffix
+_SETTING_FLAGS = {
+    "model": "MODEL",
+    "model_name": "MODEL_NAME",
+    "max_seq_length": "MAX_SEQ_LENGTH",
+    "workers": "WORKERS",
+    "processes": "PROCESSES",
+    "max_batch": "MAX_BATCH",
+    "dtype": "DTYPE",
+    "memory_limit_bytes": "MEMORY_LIMIT_BYTES",
+    "probe": "PROBE",
+    "cache_dir": "CACHE_DIR",
+    "log_level": "LOG_LEVEL",
+}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local directory, 'bundled', or a cached Hugging Face id")
+    parser.add_argument("--model-name", help="model id reported to clients")
+    parser.add_argument("--max-seq-length", help="longest input in tokens")
+    parser.add_argument("--workers", help="concurrent forward passes per process")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--memory-limit-bytes", help="override the detected memory limit")
+    parser.add_argument("--cache-dir", help="where the probe cache is kept")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bge-trio", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bge-trio {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API with hypercorn's trio worker")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--processes", help="hypercorn worker processes sharing the memory limit (default 1)"
+    )
+    serve.add_argument("--max-batch", help="inputs allowed in one request")
+    serve.add_argument("--probe", choices=["auto", "off", "force"])
+    serve.add_argument(
+        "--graceful-timeout", type=float, default=30.0,
+        help="seconds to finish in-flight requests on shutdown",
+    )
+    _add_setting_flags(serve)
+
+    probe = sub.add_parser("probe", help="measure the model's memory and write the probe cache")
+    _add_setting_flags(probe)
+    return parser
+
+
+def _export_settings(args: argparse.Namespace) -> Settings:
+    """Flags override the environment; the result is validated and exported."""
+    for flag, suffix in _SETTING_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[PREFIX + suffix] = str(value)
+    return Settings.from_env()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _export_settings(args)
+        source = resolve_model(settings.model)
+    except (ConfigError, ModelNotFoundError) as exc:
+        print(f"bge-trio: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return _serve(args, settings)
+    from bge_trio.probe_cli import run_probe_command
+
+    return run_probe_command(settings, source)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.application_path = "bge_trio.asgi:app"
+    config.worker_class = "trio"
+    config.workers = settings.processes
+    config.bind = [f"{args.host}:{args.port}"]
+    config.graceful_timeout = args.graceful_timeout
+    config.accesslog = None
+    config.errorlog = "-"
+    if settings.processes > 1:
+        from hypercorn.run import run
+
+        return run(config) or 0
+    # One process: serve in this process, so signals and exit codes are ours.
+    trio.run(_serve_here, config, settings)
+    return 0
+
+
+async def _serve_here(config: Any, settings: Settings) -> None:
+    from hypercorn.trio import serve
+
+    from bge_trio.app import create_app
+
+    app = create_app(settings)
+
+    async def until_signalled() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                return
+
+    await serve(app, config, shutdown_trigger=until_signalled)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Settings: one frozen value built from ``BGE_TRIO_*`` environment variables.
+
+Every setting is validated here, at the edge, so the rest of the server can trust
+its inputs. A bad value raises :class:`ConfigError` with a one-line message that
+names the variable and the accepted range; the CLI and the ASGI entry point print
+that line and exit instead of showing a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import attrs
+
+PREFIX = "BGE_TRIO_"
+ProbeMode = Literal["auto", "off", "force"]
+DType = Literal["fp32", "bf16", "int8"]
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot run with."""
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything the server is configured with; see docs/operations.md for each variable."""
+
+    model: str = "BAAI/bge-m3"
+    model_name: str | None = None
+    max_seq_length: int | None = None
+    workers: int = 1
+    processes: int = 1
+    max_batch: int = 256
+    truncate: bool = True
+    dtype: DType = "fp32"
+    startup_wait_s: float = 30.0
+    memory_limit_bytes: int | None = None
+    memory_safety: float = 0.7
+    memory_headroom_bytes: int = 256 * 1024 * 1024
+    probe: ProbeMode = "auto"
+    cost_a: float | None = None
+    cost_b: float | None = None
+    cache_dir: Path = attrs.field(factory=lambda: _default_cache_dir(os.environ))
+    batch_wait_ms: float = 2.0
+    max_batch_tokens: int | None = None
+    max_score_pairs: int = 10_000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every ``BGE_TRIO_*`` variable; unknown ones are ignored."""
+        env = os.environ if environ is None else environ
+        r = _Reader(env)
+        cost_a = r.get("COST_A", _float(1e-9, 1e12), None)
+        cost_b = r.get("COST_B", _float(0.0, 1e12), None)
+        if (cost_a is None) != (cost_b is None):
+            raise ConfigError(
+                f"{PREFIX}COST_A and {PREFIX}COST_B must be set together (bytes per token "
+                "and bytes per token squared)"
+            )
+        return cls(
+            model=r.get("MODEL", _nonempty, "BAAI/bge-m3"),
+            model_name=r.get("MODEL_NAME", _nonempty, None),
+            max_seq_length=r.get("MAX_SEQ_LENGTH", _int(8, 1_000_000), None),
+            workers=r.get("WORKERS", _int(1, 64), 1),
+            processes=r.get("PROCESSES", _int(1, 256), 1),
+            max_batch=r.get("MAX_BATCH", _int(1, 100_000), 256),
+            truncate=r.get("TRUNCATE", _bool, True),
+            dtype=r.get("DTYPE", _choice("fp32", "bf16", "int8"), "fp32"),
+            startup_wait_s=r.get("STARTUP_WAIT_S", _float(0.0, 3600.0), 30.0),
+            memory_limit_bytes=r.get("MEMORY_LIMIT_BYTES", _int(1 << 20, 1 << 50), None),
+            memory_safety=r.get("MEMORY_SAFETY", _float(0.05, 1.0), 0.7),
+            memory_headroom_bytes=r.get("MEMORY_HEADROOM_BYTES", _int(0, 1 << 50), 256 << 20),
+            probe=r.get("PROBE", _choice("auto", "off", "force"), "auto"),
+            cost_a=cost_a,
+            cost_b=cost_b,
+            cache_dir=r.get("CACHE_DIR", _path, _default_cache_dir(env)),
+            batch_wait_ms=r.get("BATCH_WAIT_MS", _float(0.0, 1000.0), 2.0),
+            max_batch_tokens=r.get("MAX_BATCH_TOKENS", _int(8, 1 << 31), None),
+            max_score_pairs=r.get("MAX_SCORE_PAIRS", _int(1, 10_000_000), 10_000),
+            log_level=r.get(
+                "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True), "INFO"
+            ),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings (used to hand them to workers)."""
+        env: dict[str, str] = {}
+        for field in attrs.fields(Settings):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            env[PREFIX + field.name.upper()] = str(value)
+        return env
+
+
+def _default_cache_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bge-trio"
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._env.get(PREFIX + name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{PREFIX}{name}={raw!r}: {exc}") from None
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"expected an integer in [{lo}, {hi}]") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected an integer in [{lo}, {hi}]")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number in [{lo:g}, {hi:g}]") from None
+        if not lo <= value <= hi:  # also rejects nan
+            raise ValueError(f"expected a number in [{lo:g}, {hi:g}]")
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*choices: str, upper: bool = False) -> Callable[[str], T]:  # type: ignore[type-var]
+    def parse(raw: str) -> T:
+        value = raw.upper() if upper else raw.lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value  # type: ignore[return-value]
+
+    return parse
+
+
+def _nonempty(raw: str) -> str:
+    return raw
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()

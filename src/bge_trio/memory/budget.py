@@ -1,0 +1,160 @@
+"""The memory limit this process lives under, and the per-forward workspace it leaves.
+
+The limit is found, first match wins, from: ``BGE_TRIO_MEMORY_LIMIT_BYTES``; the
+cgroup v2 ``memory.max`` of this process's group and every ancestor (the smallest
+number; ``max`` means none); the cgroup v1 ``memory.limit_in_bytes`` (absurdly large
+values mean none); ``MemAvailable`` in /proc/meminfo. Every path is read below a
+``root`` so tests can point it at a fake tree.
+
+The workspace of one forward pass is what is left after every process's resident
+model and a fixed headroom, times a safety factor, shared between every forward
+pass that may run at once in the cgroup::
+
+    workspace = (limit - processes * model_resident - headroom) * safety
+                / (workers * processes)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+# cgroup v1 reports "no limit" as a page-rounded LONG_MAX; anything this large is none.
+V1_UNLIMITED = 1 << 60
+
+
+@attrs.frozen
+class MemoryLimit:
+    bytes: int
+    source: str  # "env", "cgroup2:<path>", "cgroup1:<path>", "meminfo"
+
+
+def detect_memory_limit(root: Path = Path("/"), override: int | None = None) -> MemoryLimit:
+    """The effective memory limit and where it came from."""
+    if override is not None:
+        return MemoryLimit(override, "env")
+    for finder in (_cgroup2_limit, _cgroup1_limit):
+        found = finder(root)
+        if found is not None:
+            return found
+    return MemoryLimit(_mem_available(root), "meminfo")
+
+
+def _own_cgroups(root: Path) -> list[tuple[str, str]]:
+    """(controllers, path) pairs from /proc/self/cgroup."""
+    try:
+        text = (root / "proc/self/cgroup").read_text()
+    except OSError:
+        return []
+    pairs = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            pairs.append((parts[1], parts[2]))
+    return pairs
+
+
+def _walk_up(mount: Path, group: str) -> list[Path]:
+    """The group's directory under the mount and each ancestor up to the mount itself.
+
+    Inside a container with a private cgroup namespace the group path may not exist
+    under the mount (the mount *is* the group); the mount root is always included.
+    """
+    dirs = []
+    current = mount / group.lstrip("/")
+    while True:
+        if current.is_dir():
+            dirs.append(current)
+        if current == mount or mount not in current.parents:
+            break
+        current = current.parent
+    if mount not in dirs and mount.is_dir():
+        dirs.append(mount)
+    return dirs
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        return None
+    if raw == "max":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _cgroup2_limit(root: Path) -> MemoryLimit | None:
+    mount = root / "sys/fs/cgroup"
+    if not (mount / "cgroup.controllers").is_file():
+        return None
+    group = next((path for ctl, path in _own_cgroups(root) if ctl == ""), "/")
+    best: tuple[int, Path] | None = None
+    for directory in _walk_up(mount, group):
+        value = _read_int(directory / "memory.max")
+        if value is not None and (best is None or value < best[0]):
+            best = (value, directory)
+    if best is None:
+        return None
+    return MemoryLimit(best[0], f"cgroup2:{best[1] / 'memory.max'}")
+
+
+def _cgroup1_limit(root: Path) -> MemoryLimit | None:
+    mount = root / "sys/fs/cgroup/memory"
+    if not mount.is_dir():
+        return None
+    group = next(
+        (path for ctl, path in _own_cgroups(root) if "memory" in ctl.split(",")), "/"
+    )
+    best: tuple[int, Path] | None = None
+    for directory in _walk_up(mount, group):
+        value = _read_int(directory / "memory.limit_in_bytes")
+        if value is None or value >= V1_UNLIMITED:
+            continue
+        if best is None or value < best[0]:
+            best = (value, directory)
+    if best is None:
+        return None
+    return MemoryLimit(best[0], f"cgroup1:{best[1] / 'memory.limit_in_bytes'}")
+
+
+def _mem_available(root: Path) -> int:
+    for line in (root / "proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable line in /proc/meminfo")
+
+
+@attrs.frozen
+class Budget:
+    """The arithmetic from limit to per-forward workspace, kept for reporting."""
+
+    limit: MemoryLimit
+    model_resident_bytes: int
+    headroom_bytes: int
+    safety: float
+    workers: int
+    processes: int
+
+    @property
+    def concurrent_forwards(self) -> int:
+        return self.workers * self.processes
+
+    @property
+    def free_bytes(self) -> int:
+        """What is left for forward passes across the cgroup, before the safety factor."""
+        used = self.processes * self.model_resident_bytes + self.headroom_bytes
+        return max(0, self.limit.bytes - used)
+
+    @property
+    def workspace_bytes(self) -> int:
+        """The most one forward pass may add above its baseline."""
+        return int(self.free_bytes * self.safety / self.concurrent_forwards)
+
+    def limit_needed_for(self, workspace: float) -> int:
+        """The smallest limit under which one forward pass gets ``workspace`` bytes."""
+        used = self.processes * self.model_resident_bytes + self.headroom_bytes
+        return int(used + workspace * self.concurrent_forwards / self.safety) + 1

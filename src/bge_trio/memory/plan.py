@@ -1,0 +1,204 @@
+"""From a loaded model to a memory plan: budget, cost model, and how it was obtained.
+
+Order of precedence for the cost model: explicit ``BGE_TRIO_COST_A``/``_B``
+(status ``disabled``); ``BGE_TRIO_PROBE=off`` (the conservative model, status
+``disabled``); a cache hit (``cache_hit``, unless ``force``); a fresh probe
+(``complete``); and when the probe fails, the conservative model (``failed``).
+The probe runs under a host-wide file lock so that sibling processes started
+together (hypercorn ``--workers N``) wait for one probe and reuse its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import attrs
+import numpy as np
+import torch
+
+from bge_trio import __version__
+from bge_trio.config import Settings
+from bge_trio.memory.budget import Budget
+from bge_trio.memory.cache import ProbeCache, cpu_identity, make_key, weights_fingerprint
+from bge_trio.memory.cost import CONSERVATIVE, CostModel, Point
+from bge_trio.memory.probe import PeakMeter, Progress, probe_shapes, run_probe
+from bge_trio.model.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+ProbeStatus = Literal["running", "complete", "failed", "cache_hit", "disabled"]
+
+
+class Planner(Protocol):
+    """Decides the cost model for a loaded encoder (``plan_memory``, or a test's stand-in)."""
+
+    def __call__(
+        self, encoder: Encoder, settings: Settings, budget: Budget, *, progress: Progress | None
+    ) -> MemoryPlan: ...
+
+
+class MemoryTooSmallError(RuntimeError):
+    """Not even one text of the maximum length fits the per-forward workspace."""
+
+
+@attrs.frozen
+class MemoryPlan:
+    status: ProbeStatus
+    cost: CostModel
+    budget: Budget
+    points: tuple[Point, ...] = ()
+    method: str | None = None
+    probe_seconds: float | None = None
+    detail: str | None = None
+
+    @property
+    def residuals(self) -> list[float]:
+        return [p.peak_bytes - self.cost.predict(p.batch, p.seq) for p in self.points]
+
+    def report(self) -> dict[str, Any]:
+        """The numbers /health and /info show."""
+        b = self.budget
+        worst = b.processes * b.model_resident_bytes + b.concurrent_forwards * b.workspace_bytes
+        return {
+            "probe_status": self.status,
+            "probe_method": self.method,
+            "probe_seconds": self.probe_seconds,
+            "probe_detail": self.detail,
+            "cost_a_bytes_per_token": self.cost.a,
+            "cost_b_bytes_per_token2": self.cost.b,
+            "measured_points": len(self.points),
+            "memory_limit_bytes": b.limit.bytes,
+            "memory_limit_source": b.limit.source,
+            "model_resident_bytes": b.model_resident_bytes,
+            "per_forward_budget_bytes": b.workspace_bytes,
+            "concurrent_forwards": b.concurrent_forwards,
+            "worst_case_peak_share": round(worst / b.limit.bytes, 4) if b.limit.bytes else None,
+        }
+
+
+def cache_key_for(encoder: Encoder, settings: Settings) -> dict[str, str | int]:
+    info = encoder.info
+    source = info.source
+    identity = (
+        f"{source.spec}@{source.revision}"
+        if source.revision
+        else f"{source.path}#{weights_fingerprint(source.path)}"
+    )
+    return {
+        "package": __version__,
+        "model": identity,
+        "dtype": info.dtype,
+        "max_seq": info.max_seq_length,
+        "torch": torch.__version__,
+        "cpu": cpu_identity(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def synthetic_forward(encoder: Encoder) -> Callable[[int, int], object]:
+    """A forward pass over random token ids of a given shape, with every output the model has."""
+    rng = np.random.default_rng(0)
+    vocab = encoder.info.vocab_size
+    low = min(10, vocab - 1)
+    outputs = encoder.info.outputs
+
+    def forward(batch: int, seq: int) -> object:
+        ids = rng.integers(low, vocab, size=(batch, seq)).tolist()
+        if batch > 1:  # real batches are padded: make the attention mask non-trivial
+            ids[-1] = ids[-1][:-1]
+        return encoder.forward(ids, outputs)
+
+    return forward
+
+
+def plan_memory(
+    encoder: Encoder,
+    settings: Settings,
+    budget: Budget,
+    *,
+    progress: Progress | None = None,
+    meter: PeakMeter | None = None,
+) -> MemoryPlan:
+    """Decide the cost model (synchronous; run it in a worker thread)."""
+    if settings.cost_a is not None and settings.cost_b is not None:
+        plan = MemoryPlan("disabled", CostModel(settings.cost_a, settings.cost_b), budget,
+                          detail="BGE_TRIO_COST_A/B set")
+    elif settings.probe == "off":
+        plan = MemoryPlan("disabled", CONSERVATIVE, budget, detail="BGE_TRIO_PROBE=off")
+    else:
+        plan = _probe_or_cache(encoder, settings, budget, progress, meter)
+    return plan
+
+
+def _probe_or_cache(
+    encoder: Encoder,
+    settings: Settings,
+    budget: Budget,
+    progress: Progress | None,
+    meter: PeakMeter | None,
+) -> MemoryPlan:
+    cache = ProbeCache(settings.cache_dir)
+    key = make_key(**cache_key_for(encoder, settings))
+
+    def probe() -> MemoryPlan:
+        shapes = probe_shapes(encoder.info.max_seq_length, budget.workspace_bytes)
+        if len(shapes) < 2:
+            raise ValueError(
+                f"only {len(shapes)} probe shape(s) fit the per-forward budget of "
+                f"{budget.workspace_bytes} bytes"
+            )
+        run = run_probe(synthetic_forward(encoder), shapes, meter=meter, progress=progress)
+        return MemoryPlan("complete", run.fit.model, budget, run.points, run.method, run.seconds)
+
+    try:
+        with cache.probe_lock(key):
+            if settings.probe == "auto":
+                hit = cache.load(key)
+                if hit is not None:
+                    log.info("probe cache hit: %s", cache.path_for(key))
+                    return MemoryPlan("cache_hit", hit.model, budget, hit.points, hit.method)
+            plan = _failsafe(probe, budget)
+            if plan.status == "complete":
+                path = cache.store(key, plan.cost, plan.points, plan.method or "")
+                log.info("probe result cached in %s", path)
+            return plan
+    except OSError as exc:  # cache directory unusable: probe without it
+        log.warning("probe cache at %s unusable (%s); probing without it", cache.directory, exc)
+        return _failsafe(probe, budget)
+
+
+def _failsafe(probe: Callable[[], MemoryPlan], budget: Budget) -> MemoryPlan:
+    try:
+        return probe()
+    except Exception as exc:
+        log.exception("memory probe failed; using the conservative cost model")
+        return MemoryPlan("failed", CONSERVATIVE, budget, detail=f"{type(exc).__name__}: {exc}")
+
+
+def check_fits(plan: MemoryPlan, max_seq: int) -> None:
+    """Refuse to start when one text of the maximum length cannot fit."""
+    need = plan.cost.predict(1, max_seq)
+    budget = plan.budget
+    if need <= budget.workspace_bytes:
+        return
+    longest = plan.cost.max_seq_within(budget.workspace_bytes)
+    raise MemoryTooSmallError(
+        f"memory limit {budget.limit.bytes} bytes ({budget.limit.source}) is too small: "
+        f"one text of {max_seq} tokens needs {need:.0f} bytes per forward pass (a={plan.cost.a:.0f}, "
+        f"b={plan.cost.b:.2f}) but the per-forward budget is {budget.workspace_bytes} bytes "
+        f"after {budget.processes} x {budget.model_resident_bytes} bytes of model, "
+        f"{budget.headroom_bytes} bytes headroom, safety {budget.safety} and "
+        f"{budget.concurrent_forwards} concurrent forward passes. Raise the limit to at least "
+        f"{budget.limit_needed_for(need)} bytes, or set BGE_TRIO_MAX_SEQ_LENGTH <= {longest}, "
+        "or lower BGE_TRIO_WORKERS."
+    )
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,255 @@
+"""The encoder: tokenizer + transformer + heads, and one forward pass for a batch.
+
+Everything here is synchronous and CPU-bound; callers run it in a worker thread
+(``trio.to_thread.run_sync``) so the event loop never blocks. One forward pass
+returns any mix of the three outputs from the same hidden states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from bge_trio.model import heads
+from bge_trio.model.pooling import Pooling, pool, read_pooling
+from bge_trio.model.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+Output = Literal["dense", "sparse", "colbert"]
+DENSE: frozenset[Output] = frozenset({"dense"})
+FloatArray = npt.NDArray[np.float32]
+# Position-embedding tables of RoBERTa-style models reserve pad_token_id + 1 slots.
+_OFFSET_POSITIONS = {"xlm-roberta", "roberta", "camembert", "xlm-roberta-xl"}
+
+
+@attrs.frozen
+class ModelInfo:
+    """What a client may rely on about the served model."""
+
+    name: str
+    source: ModelSource
+    dimension: int
+    max_seq_length: int
+    position_limit: int
+    vocab_size: int
+    pooling: Pooling
+    outputs: frozenset[Output]
+    dtype: str
+    colbert_dimension: int | None
+
+
+@attrs.frozen(eq=False)
+class Embedding:
+    """One text's outputs; an output that was not asked for is None."""
+
+    dense: FloatArray | None = None
+    sparse: tuple[npt.NDArray[np.int64], FloatArray] | None = None
+    colbert: FloatArray | None = None
+
+
+class ModelConfigError(ValueError):
+    """The model directory loads, but the settings cannot be honoured with it."""
+
+
+class Encoder:
+    """A loaded model. Thread-safe for concurrent forward passes (inference only)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        model: torch.nn.Module,
+        info: ModelInfo,
+        sparse_linear: torch.nn.Linear | None,
+        colbert_linear: torch.nn.Linear | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.info = info
+        self._sparse = sparse_linear
+        self._colbert = colbert_linear
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # FlagEmbedding drops these from lexical weights.
+        self.unused_ids = frozenset(
+            i
+            for i in (
+                tokenizer.cls_token_id,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                tokenizer.unk_token_id,
+            )
+            if i is not None
+        )
+        self.closing_ids = frozenset(
+            i for i in (tokenizer.eos_token_id, tokenizer.sep_token_id) if i is not None
+        )
+        self._autocast_bf16 = info.dtype == "bf16"
+
+    @classmethod
+    def load(
+        cls,
+        source: ModelSource,
+        *,
+        name: str | None = None,
+        max_seq_length: int | None = None,
+        dtype: str = "fp32",
+        threads: int | None = None,
+    ) -> Encoder:
+        """Load tokenizer, transformer (fp32 weights) and the optional BGE-M3 heads."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # Progress bars and load reports are noise in a server's log.
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(threads)
+        path = source.path
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        model.eval()
+        config = model.config
+        hidden = int(config.hidden_size)
+        sparse_linear = heads.load_linear(path / heads.SPARSE_FILE, hidden)
+        colbert_linear = heads.load_linear(path / heads.COLBERT_FILE, hidden)
+
+        if dtype == "bf16" and not _bf16_supported():
+            log.warning("BGE_TRIO_DTYPE=bf16 but this CPU has no fast bf16; serving fp32")
+            dtype = "fp32"
+        if dtype == "int8":
+            model = torch.ao.quantization.quantize_dynamic(
+                model, {torch.nn.Linear}, dtype=torch.qint8
+            )
+
+        position_limit = int(config.max_position_embeddings)
+        if config.model_type in _OFFSET_POSITIONS:
+            position_limit -= int(config.pad_token_id) + 1
+        default_max = _sentence_transformers_max_seq(path) or position_limit
+        max_seq = max_seq_length or min(default_max, position_limit)
+        if max_seq > position_limit:
+            raise ModelConfigError(
+                f"BGE_TRIO_MAX_SEQ_LENGTH={max_seq} is above this model's limit of "
+                f"{position_limit} tokens"
+            )
+
+        outputs: set[Output] = {"dense"}
+        if sparse_linear is not None:
+            outputs.add("sparse")
+        if colbert_linear is not None:
+            outputs.add("colbert")
+        info = ModelInfo(
+            name=name or source.default_name,
+            source=source,
+            dimension=hidden,
+            max_seq_length=max_seq,
+            position_limit=position_limit,
+            vocab_size=int(config.vocab_size),
+            pooling=read_pooling(path),
+            outputs=frozenset(outputs),
+            dtype=dtype,
+            colbert_dimension=None if colbert_linear is None else colbert_linear.out_features,
+        )
+        return cls(tokenizer, model, info, sparse_linear, colbert_linear)
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids with special tokens, untruncated (so over-long inputs can be reported)."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(
+            list(texts),
+            add_special_tokens=True,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def truncate(self, ids: Sequence[int], length: int) -> list[int]:
+        """Cut to ``length`` tokens, keeping a closing special token as the tokenizer would."""
+        if len(ids) <= length:
+            return list(ids)
+        if length >= 2 and ids[-1] in self.closing_ids:
+            return [*ids[: length - 1], ids[-1]]
+        return list(ids[:length])
+
+    # -- forward ------------------------------------------------------------------------
+
+    def forward(
+        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output] = DENSE
+    ) -> list[Embedding]:
+        """Run one padded batch and return each text's requested outputs, in order."""
+        if not batch:
+            return []
+        lengths = [len(ids) for ids in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        with torch.inference_mode():
+            with self._precision():
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = hidden.float()
+            dense = pool(hidden, mask, self.info.pooling).numpy() if "dense" in outputs else None
+            weights = (
+                heads.sparse_token_weights(self._sparse, hidden).numpy()
+                if "sparse" in outputs and self._sparse is not None
+                else None
+            )
+            colbert = (
+                heads.colbert_vectors(self._colbert, hidden, mask).numpy()
+                if "colbert" in outputs and self._colbert is not None
+                else None
+            )
+        results = []
+        for row, seq in enumerate(batch):
+            results.append(
+                Embedding(
+                    dense=None if dense is None else dense[row].copy(),
+                    sparse=None
+                    if weights is None
+                    else heads.sparse_vector(seq, weights[row], self.unused_ids),
+                    colbert=None if colbert is None else colbert[row, : lengths[row] - 1].copy(),
+                )
+            )
+        return results
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        if self._autocast_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _sentence_transformers_max_seq(path: Path) -> int | None:
+    config = path / "sentence_bert_config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("max_seq_length")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,90 @@
+"""``bge-trio probe``: the memory probe in the foreground, with a table of what it measured."""
+
+from __future__ import annotations
+
+import sys
+
+from bge_trio.config import Settings
+from bge_trio.memory.budget import Budget, detect_memory_limit
+from bge_trio.memory.cost import Point
+from bge_trio.memory.plan import MemoryTooSmallError, check_fits, cpu_count, plan_memory
+from bge_trio.memory.probe import malloc_trim, resident_bytes
+from bge_trio.model.encoder import Encoder
+from bge_trio.model.source import ModelSource
+
+MIB = 1024 * 1024
+
+
+def run_probe_command(settings: Settings, source: ModelSource) -> int:
+    out = sys.stdout
+    print(f"loading {source.path} ...", file=out, flush=True)
+    encoder = Encoder.load(
+        source,
+        name=settings.model_name,
+        max_seq_length=settings.max_seq_length,
+        dtype=settings.dtype,
+        threads=max(1, cpu_count() // settings.workers),
+    )
+    encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
+    malloc_trim()
+    limit = detect_memory_limit(override=settings.memory_limit_bytes)
+    budget = Budget(
+        limit,
+        resident_bytes(),
+        settings.memory_headroom_bytes,
+        settings.memory_safety,
+        settings.workers,
+        settings.processes,
+    )
+    print(
+        f"memory limit {limit.bytes / MIB:.0f} MiB ({limit.source}); model resident "
+        f"{budget.model_resident_bytes / MIB:.0f} MiB; per-forward budget "
+        f"{budget.workspace_bytes / MIB:.0f} MiB",
+        file=out,
+    )
+
+    def progress(done: int, total: int, point: Point) -> None:
+        print(
+            f"  [{done}/{total}] batch {point.batch:>4} x seq {point.seq:>5}: "
+            f"{point.peak_bytes / MIB:9.1f} MiB",
+            file=out,
+            flush=True,
+        )
+
+    forced = settings if settings.probe == "force" else _with_force(settings)
+    try:
+        plan = plan_memory(encoder, forced, budget, progress=progress)
+        check_fits(plan, encoder.info.max_seq_length)
+    except MemoryTooSmallError as exc:
+        print(f"bge-trio: {exc}", file=sys.stderr)
+        return 3
+    print(f"\nstatus {plan.status} ({plan.method or 'no measurement'})", file=out)
+    if plan.probe_seconds is not None:
+        print(f"probe took {plan.probe_seconds:.2f}s", file=out)
+    if plan.points:
+        print(
+            f"\n{'batch':>6} {'seq':>6} {'measured MiB':>13} {'predicted MiB':>14} "
+            f"{'residual MiB':>13} {'error %':>8}",
+            file=out,
+        )
+        for point, residual in zip(plan.points, plan.residuals, strict=True):
+            predicted = plan.cost.predict(point.batch, point.seq)
+            print(
+                f"{point.batch:>6} {point.seq:>6} {point.peak_bytes / MIB:>13.2f} "
+                f"{predicted / MIB:>14.2f} {residual / MIB:>13.2f} "
+                f"{100 * residual / predicted if predicted else 0:>8.1f}",
+                file=out,
+            )
+    print(
+        f"\nfit: a = {plan.cost.a:.1f} bytes/token, b = {plan.cost.b:.3f} bytes/token^2",
+        file=out,
+    )
+    if plan.detail:
+        print(f"detail: {plan.detail}", file=out)
+    return 0 if plan.status == "complete" else 1
+
+
+def _with_force(settings: Settings) -> Settings:
+    import attrs
+
+    return attrs.evolve(settings, probe="force", cost_a=None, cost_b=None)

@@ -1,0 +1,40 @@
+"""The inference gate: a CapacityLimiter that starts with zero tokens.
+
+Every forward pass holds one token of the limiter, so its total is the number of
+forward passes that may run at once (``BGE_TRIO_WORKERS``). At startup the total
+is zero: requests can arrive, be parsed and queue, but no forward pass can start
+while the model loads and the probe measures memory (a request's forward pass
+would pollute the probe's peak measurements). When startup ends - successfully or
+not - the gate opens by raising the total to the number of workers. Opening is
+done in a ``finally`` so a failed startup can never leave requests stuck.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+
+class Gate:
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.limiter = trio.CapacityLimiter(1)
+        self.limiter.total_tokens = 0  # closed: nothing can acquire
+        self._opened = trio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened.is_set()
+
+    def open(self) -> None:
+        """Let ``workers`` forward passes run at once from now on (idempotent)."""
+        if not self._opened.is_set():
+            self.limiter.total_tokens = self.workers
+            self._opened.set()
+
+    async def wait_open(self, timeout_s: float = math.inf) -> bool:
+        """Wait until the gate opens; False if it is still closed after ``timeout_s``."""
+        with trio.move_on_after(timeout_s):
+            await self._opened.wait()
+        return self._opened.is_set()

@@ -1,0 +1,312 @@
+"""The embedding service: startup (load, probe, open the gate) and ``embed``.
+
+This is what the HTTP routes call. It owns the gate, the scheduler and the
+encoder, and turns texts or token ids into embeddings under every rule the
+server promises: the maximum sequence length, truncation, the memory budget, and
+a clear error for each way a request can be refused.
+
+Startup runs as a task in the app's nursery, after the ASGI lifespan has already
+returned (hypercorn gives startup 60 s; real BGE-M3 plus a probe can take longer):
+
+    loading -> probing -> ok          the gate opens
+                       -> ok (probe "failed": conservative model; the gate opens)
+            -> error                  the model or the memory limit makes serving impossible
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import trio
+
+from bge_trio.config import Settings
+from bge_trio.errors import ApiError, invalid, unavailable
+from bge_trio.memory.budget import Budget, detect_memory_limit
+from bge_trio.memory.cost import Point
+from bge_trio.memory.cost import CONSERVATIVE
+from bge_trio.memory.plan import (
+    MemoryPlan,
+    MemoryTooSmallError,
+    Planner,
+    check_fits,
+    cpu_count,
+    plan_memory,
+)
+from bge_trio.memory.probe import malloc_trim, resident_bytes
+from bge_trio.model.encoder import Embedding, Encoder, ModelConfigError, ModelInfo, Output
+from bge_trio.model.source import ModelSource
+from bge_trio.scheduler.batching import BatchPolicy
+from bge_trio.scheduler.gate import Gate
+from bge_trio.scheduler.scheduler import BatchFailedError, Scheduler, unlimited_policy
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "probing", "ok", "error"]
+ALL_OUTPUTS: frozenset[Output] = frozenset({"dense", "sparse", "colbert"})
+
+
+@attrs.frozen(eq=False)
+class Embedded:
+    """Results of one request, in input order, with the tokens that went in."""
+
+    embeddings: list[Embedding]
+    token_ids: list[list[int]]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+
+class EmbeddingService:
+    def __init__(
+        self,
+        settings: Settings,
+        source: ModelSource,
+        *,
+        root: Path = Path("/"),
+        planner: Planner = plan_memory,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.root = root  # where /proc and /sys are read (tests use a fake tree)
+        self._planner = planner
+        self.gate = Gate(settings.workers)
+        self.scheduler = Scheduler(
+            self._forward,
+            self.gate,
+            unlimited_policy(),
+            batch_wait_s=settings.batch_wait_ms / 1000,
+        )
+        self.status: Status = "loading"
+        self.encoder: Encoder | None = None
+        self.memory: MemoryPlan | None = None
+        self.error: str | None = None
+        self.failed = trio.Event()  # set when startup fails for good
+        self.started_at = time.time()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the scheduler and the startup sequence until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.scheduler.run)
+            task_status.started()
+            await self.start()
+
+    async def start(self) -> None:
+        """Load the model, plan memory, check readiness, then open the gate (always)."""
+        try:
+            threads = max(1, cpu_count() // self.settings.workers)
+            self.encoder = await trio.to_thread.run_sync(self._load, threads)
+            self.status = "probing"
+            self.memory = await trio.to_thread.run_sync(self._plan_memory)
+            self.scheduler.policy = BatchPolicy(
+                self.memory.cost,
+                self.memory.budget.workspace_bytes,
+                max_batch_tokens=self.settings.max_batch_tokens,
+            )
+            await trio.to_thread.run_sync(self._readiness_check)
+            self.status = "ok"
+            log.info(
+                "ready: model %s, probe %s, a=%.0f b=%.2f, budget %d bytes per forward",
+                self.info.name,
+                self.memory.status,
+                self.memory.cost.a,
+                self.memory.cost.b,
+                self.memory.budget.workspace_bytes,
+            )
+        except Exception as exc:
+            self.status = "error"
+            self.error = str(exc) or type(exc).__name__
+            log.critical("startup failed: %s", self.error, exc_info=not _expected(exc))
+            self.failed.set()
+        finally:
+            # Never leave the gate closed: waiting requests must get an answer.
+            self.gate.open()
+
+    def _load(self, threads: int) -> Encoder:
+        started = time.perf_counter()
+        encoder = Encoder.load(
+            self.source,
+            name=self.settings.model_name,
+            max_seq_length=self.settings.max_seq_length,
+            dtype=self.settings.dtype,
+            threads=threads,
+        )
+        log.info(
+            "loaded %s from %s in %.2fs (dim %d, max_seq %d, outputs %s, dtype %s, %d threads)",
+            encoder.info.name,
+            self.source.path,
+            time.perf_counter() - started,
+            encoder.info.dimension,
+            encoder.info.max_seq_length,
+            ",".join(sorted(encoder.info.outputs)),
+            encoder.info.dtype,
+            threads,
+        )
+        return encoder
+
+    def _plan_memory(self) -> MemoryPlan:
+        encoder = self._require_encoder()
+        encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
+        malloc_trim()
+        limit = detect_memory_limit(self.root, self.settings.memory_limit_bytes)
+        budget = Budget(
+            limit,
+            resident_bytes(),
+            self.settings.memory_headroom_bytes,
+            self.settings.memory_safety,
+            self.settings.workers,
+            self.settings.processes,
+        )
+        log.info(
+            "memory limit %d bytes from %s; model resident %d bytes; budget %d bytes per forward",
+            limit.bytes,
+            limit.source,
+            budget.model_resident_bytes,
+            budget.workspace_bytes,
+        )
+
+        def progress(done: int, total: int, point: Point) -> None:
+            log.info(
+                "probe %d/%d: batch %d x %d tokens peaked at %d bytes",
+                done,
+                total,
+                point.batch,
+                point.seq,
+                point.peak_bytes,
+            )
+
+        try:
+            plan = self._planner(encoder, self.settings, budget, progress=progress)
+        except Exception as exc:
+            # A probe that crashes must not stop the server: serve with the safe model.
+            log.exception("memory planning crashed; using the conservative cost model")
+            plan = MemoryPlan("failed", CONSERVATIVE, budget, detail=f"{type(exc).__name__}: {exc}")
+        check_fits(plan, encoder.info.max_seq_length)
+        return plan
+
+    def _readiness_check(self) -> None:
+        encoder = self._require_encoder()
+        (result,) = encoder.forward(encoder.tokenize(["readiness check"]), encoder.info.outputs)
+        if result.dense is None or not result.dense.any():
+            raise RuntimeError("readiness check produced an empty embedding")
+
+    # -- serving ------------------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._require_encoder().info
+
+    def _require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise RuntimeError("model not loaded")
+        return self.encoder
+
+    def _forward(
+        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
+    ) -> list[Embedding]:
+        return self._require_encoder().forward(batch, outputs)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return list(self._require_encoder().tokenizer.convert_ids_to_tokens(list(ids)))
+
+    async def ready(self) -> Encoder:
+        """Wait (up to the startup wait) for the gate to open; 503 if it does not."""
+        if not self.gate.is_open:
+            await self.gate.wait_open(self.settings.startup_wait_s)
+        if self.status == "error":
+            raise ApiError(
+                503, "the server failed to start; see its log", type="server_error",
+                code="startup_failed",
+            )
+        if not self.gate.is_open or self.encoder is None:
+            raise unavailable(f"the model is still {self.status}; retry shortly", retry_after_s=5)
+        return self.encoder
+
+    async def embed(
+        self,
+        texts: Sequence[str] | None,
+        token_ids: Sequence[Sequence[int]] | None,
+        outputs: frozenset[Output],
+    ) -> Embedded:
+        """Embed a request's inputs (texts or token id lists) in input order."""
+        encoder = await self.ready()
+        missing = outputs - encoder.info.outputs
+        if missing:
+            raise invalid(
+                f"model {encoder.info.name!r} has no {' or '.join(sorted(missing))} head; it "
+                f"offers: {', '.join(sorted(encoder.info.outputs))}",
+                param="model",
+                code="output_not_supported",
+            )
+        if texts is not None:
+            ids = await trio.to_thread.run_sync(encoder.tokenize, texts)
+        else:
+            ids = self._check_token_ids(encoder, token_ids or [])
+        ids = self._fit_lengths(encoder, ids)
+        try:
+            results = await self.scheduler.submit(ids, outputs)
+        except BatchFailedError:
+            raise ApiError(500, "internal server error", type="server_error") from None
+        return Embedded(results, ids)
+
+    @staticmethod
+    def _check_token_ids(encoder: Encoder, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        vocab = encoder.info.vocab_size
+        for index, ids in enumerate(token_ids):
+            for token in ids:
+                if not 0 <= token < vocab:
+                    raise invalid(
+                        f"input[{index}] has token id {token}, outside this model's vocabulary "
+                        f"[0, {vocab})",
+                        param="input",
+                        code="invalid_token_id",
+                    )
+        return [list(ids) for ids in token_ids]
+
+    def _fit_lengths(self, encoder: Encoder, token_ids: list[list[int]]) -> list[list[int]]:
+        max_seq = encoder.info.max_seq_length
+        fits = self.scheduler.policy.max_single_length()
+        truncate = self.settings.truncate
+        fitted = []
+        for index, ids in enumerate(token_ids):
+            if len(ids) > max_seq:
+                if not truncate:
+                    raise invalid(
+                        f"input[{index}] has {len(ids)} tokens, more than the maximum of "
+                        f"{max_seq}; shorten it or enable truncation",
+                        param="input",
+                        code="context_length_exceeded",
+                    )
+                ids = encoder.truncate(ids, max_seq)
+            if len(ids) > fits:
+                if not truncate:
+                    raise ApiError(
+                        413,
+                        f"input[{index}] has {len(ids)} tokens; the largest text that fits this "
+                        f"server's memory budget has {fits} tokens",
+                        param="input",
+                        code="input_too_large_for_memory",
+                    )
+                ids = encoder.truncate(ids, fits)
+            fitted.append(ids)
+        return fitted
+
+    def health(self) -> dict[str, object]:
+        body: dict[str, object] = {"status": self.status}
+        if self.error:
+            body["error"] = self.error
+        if self.memory is not None:
+            body.update(self.memory.report())
+        return body
+
+
+def _expected(exc: Exception) -> bool:
+    """Startup failures whose message says everything (no stack trace needed)."""
+    return isinstance(exc, MemoryTooSmallError | ModelConfigError | OSError)

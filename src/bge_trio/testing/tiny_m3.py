@@ -1,0 +1,93 @@
+"""A tiny, randomly initialised model in the exact BGE-M3 directory layout.
+
+Real BGE-M3 is 2.2 GB; this one is a few hundred kilobytes and loads in well under
+a second, yet it goes through the very same loading code: an XLM-RoBERTa
+``config.json`` and safetensors weights, an ``XLMRobertaTokenizerFast``, and the
+``sparse_linear.pt`` / ``colbert_linear.pt`` heads. Its outputs are meaningless
+but deterministic for a given seed, which is what reference tests need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A cat sleeps on the warm windowsill while a kitten plays.",
+    "Stock markets fell sharply as investors worried about interest rates.",
+    "Le chat dort sur le rebord de la fenêtre.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "El mercado de valores cayó bruscamente.",
+    "Hybrid retrieval combines dense, sparse and multi-vector scores.",
+    "Embedding servers turn text into vectors for search and RAG.",
+    "0123456789 numbers, punctuation; and symbols: !?-+*/=()[]{}",
+]
+
+
+def build_tiny_m3(
+    directory: Path,
+    *,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    max_seq_length: int = 512,
+    vocab_size: int = 250,
+    seed: int = 0,
+) -> Path:
+    """Write the tiny model into ``directory`` (created if needed) and return it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import UnigramTrainer
+    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    # XLM-R's special tokens, in XLM-R's order: <s>=0, <pad>=1, </s>=2, <unk>=3.
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", shrinking_factor=0.9
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    fast = XLMRobertaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=max_seq_length,
+    )
+    fast.save_pretrained(str(directory))
+
+    config = XLMRobertaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=max_seq_length + 2,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
+    model = XLMRobertaModel(config, add_pooling_layer=False)
+    model.save_pretrained(str(directory))
+    torch.save(torch.nn.Linear(hidden_size, 1).state_dict(), directory / "sparse_linear.pt")
+    torch.save(
+        torch.nn.Linear(hidden_size, hidden_size).state_dict(), directory / "colbert_linear.pt"
+    )
+    return directory

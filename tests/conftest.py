@@ -1,0 +1,96 @@
+"""Shared fixtures: the tiny BGE-M3-layout model, the bundled MiniLM, and a real server.
+
+The server runs hypercorn's trio worker in the test's own trio run, bound to
+127.0.0.1 port 0, and is called over HTTP with httpx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from bge_trio.app import create_app
+from bge_trio.config import Settings
+from bge_trio.model.encoder import Encoder
+from bge_trio.model.source import ModelSource, resolve_model
+from bge_trio.service import EmbeddingService
+from bge_trio.testing import build_tiny_m3
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_m3(tmp_path_factory.mktemp("tiny-m3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_dir: Path) -> Encoder:
+    return Encoder.load(resolve_model(str(tiny_model_dir)), threads=1)
+
+
+@pytest.fixture(scope="session")
+def bundled_source() -> ModelSource:
+    return resolve_model("bundled")
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path) -> Iterator[Any]:
+    def make(model: Path | str, **overrides: Any) -> Settings:
+        base = Settings(
+            model=str(model),
+            cache_dir=tmp_path / "cache",
+            probe="off",
+            batch_wait_ms=1.0,
+        )
+        return attrs.evolve(base, **overrides)
+
+    yield make
+
+
+@attrs.frozen
+class Server:
+    url: str
+    client: httpx.AsyncClient
+    service: EmbeddingService
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float = 60.0) -> None:
+    with trio.fail_after(timeout):
+        while (await client.get("/health")).status_code != 200:
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running_server(
+    settings: Settings, *, ready: bool = True, **app_kwargs: Any
+) -> AsyncIterator[Server]:
+    """A real hypercorn server with the trio worker on 127.0.0.1, port chosen by the OS."""
+    app = create_app(settings, exit_on_failure=False, **app_kwargs)
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 5
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        url = binds[0]
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            if ready:
+                await wait_ready(client)
+            yield Server(url, client, app.extensions["bge_trio"])
+        stop.set()
+
+
+@pytest.fixture
+async def tiny_server(tiny_model_dir: Path, settings_for: Any) -> AsyncIterator[Server]:
+    async with running_server(settings_for(tiny_model_dir)) as server:
+        yield server

@@ -1,0 +1,72 @@
+"""An independent, straightforward BGE-M3 implementation written from the formulas.
+
+It loads the tiny model with plain transformers and torch and computes dense,
+sparse and ColBERT outputs (and their scores) the way FlagEmbedding's
+BGEM3FlagModel defines them, with Python loops where that is clearest. Tests
+compare the server against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+
+class ReferenceM3:
+    def __init__(self, model_dir: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        hidden = self.model.config.hidden_size
+        self.sparse_linear = torch.nn.Linear(hidden, 1)
+        self.sparse_linear.load_state_dict(torch.load(model_dir / "sparse_linear.pt"))
+        self.colbert_linear = torch.nn.Linear(hidden, hidden)
+        self.colbert_linear.load_state_dict(torch.load(model_dir / "colbert_linear.pt"))
+        tok = self.tokenizer
+        self.unused = {tok.cls_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
+
+    def encode(self, texts: list[str]) -> list[dict[str, object]]:
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            h = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            h = h.last_hidden_state
+            dense = torch.nn.functional.normalize(h[:, 0], dim=-1)
+            weights = torch.relu(self.sparse_linear(h)).squeeze(-1)
+            mask = enc["attention_mask"]
+            colbert = self.colbert_linear(h[:, 1:]) * mask[:, 1:][:, :, None].float()
+            colbert = torch.nn.functional.normalize(colbert, dim=-1)
+        out = []
+        for row in range(len(texts)):
+            ids = enc["input_ids"][row].tolist()
+            lexical: dict[int, float] = {}
+            for token, w in zip(ids, weights[row].tolist(), strict=True):
+                if token in self.unused or w <= 0:
+                    continue
+                lexical[token] = max(lexical.get(token, 0.0), w)
+            n = int(mask[row].sum())
+            out.append(
+                {
+                    "dense": dense[row].numpy(),
+                    "sparse": lexical,
+                    "colbert": colbert[row, : n - 1].numpy(),
+                    "tokens": n,
+                }
+            )
+        return out
+
+
+def dense_score(q: np.ndarray, p: np.ndarray) -> float:
+    return float(np.dot(q, p))
+
+
+def sparse_score(q: dict[int, float], p: dict[int, float]) -> float:
+    return sum(w * p[t] for t, w in q.items() if t in p)
+
+
+def colbert_score(q: np.ndarray, p: np.ndarray) -> float:
+    total = 0.0
+    for qv in q:
+        total += max(float(np.dot(qv, pv)) for pv in p)
+    return total / len(q)

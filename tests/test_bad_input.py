@@ -1,0 +1,122 @@
+"""Every kind of bad request gets a 4xx JSON error in the OpenAI shape, never a 500."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, running_server
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def strict_server(tiny_model_dir: Path, settings_for: Any) -> AsyncIterator[Server]:
+    settings = settings_for(tiny_model_dir, max_batch=4, max_seq_length=16, truncate=False)
+    async with running_server(settings) as server:
+        yield server
+
+
+CASES: list[tuple[str, str, str, Any, dict[str, str], int, str | None]] = [
+    # (id, method, path, body (bytes or JSON), headers, status, error code)
+    ("malformed json", "POST", "/v1/embeddings", b'{"input": ["a"', JSON, 400, "invalid_json"),
+    ("body not an object", "POST", "/v1/embeddings", b'["a"]', JSON, 400, "invalid_json"),
+    ("wrong content type", "POST", "/v1/embeddings", b'{"input": "a"}',
+     {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    ("missing content type", "POST", "/v1/embeddings", b'{"input": "a"}', {}, 415,
+     "unsupported_media_type"),
+    ("missing input", "POST", "/v1/embeddings", {"model": "x"}, JSON, 400, "missing_input"),
+    ("empty input list", "POST", "/v1/embeddings", {"input": []}, JSON, 400, "empty_input"),
+    ("input a number", "POST", "/v1/embeddings", {"input": 5}, JSON, 400, "invalid_input"),
+    ("input an object", "POST", "/v1/embeddings", {"input": {"a": 1}}, JSON, 400,
+     "invalid_input"),
+    ("mixed types", "POST", "/v1/embeddings", {"input": ["a", 1]}, JSON, 400, "invalid_input"),
+    ("nested strings", "POST", "/v1/embeddings", {"input": [["a"]]}, JSON, 400, "invalid_input"),
+    ("too deep", "POST", "/v1/embeddings", {"input": [[[1]]]}, JSON, 400, "invalid_input"),
+    ("empty token list", "POST", "/v1/embeddings", {"input": [[]]}, JSON, 400, "empty_input"),
+    ("booleans as ids", "POST", "/v1/embeddings", {"input": [True, False]}, JSON, 400,
+     "invalid_input"),
+    ("too many inputs", "POST", "/v1/embeddings", {"input": ["a"] * 5}, JSON, 400,
+     "too_many_inputs"),
+    ("negative token id", "POST", "/v1/embeddings", {"input": [0, -1, 2]}, JSON, 400,
+     "invalid_token_id"),
+    ("token id past vocab", "POST", "/v1/embeddings", {"input": [0, 10**9, 2]}, JSON, 400,
+     "invalid_token_id"),
+    ("unknown encoding", "POST", "/v1/embeddings", {"input": "a", "encoding_format": "hex"},
+     JSON, 400, "invalid_encoding_format"),
+    ("dimensions zero", "POST", "/v1/embeddings", {"input": "a", "dimensions": 0}, JSON, 400,
+     "invalid_dimensions"),
+    ("dimensions too big", "POST", "/v1/embeddings", {"input": "a", "dimensions": 33}, JSON, 400,
+     "invalid_dimensions"),
+    ("dimensions a string", "POST", "/v1/embeddings", {"input": "a", "dimensions": "8"}, JSON,
+     400, "invalid_dimensions"),
+    ("model not a string", "POST", "/v1/embeddings", {"input": "a", "model": 3}, JSON, 400,
+     "invalid_type"),
+    ("return_tokens not bool", "POST", "/v1/sparse-embeddings",
+     {"input": "a", "return_tokens": "yes"}, JSON, 400, "invalid_type"),
+    ("too long, no truncation", "POST", "/v1/embeddings",
+     {"input": ["short", "the quick brown fox jumps over the lazy dog " * 4]}, JSON, 400,
+     "context_length_exceeded"),
+    ("unknown route", "GET", "/v2/nothing", None, {}, 404, "not_found"),
+    ("wrong method", "GET", "/v1/embeddings", None, {}, 405, "method_not_allowed"),
+    ("wrong method on health", "POST", "/health", None, {}, 405, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "code"),
+    [pytest.param(*case[1:], id=case[0]) for case in CASES],
+)
+async def test_bad_input_is_a_clear_4xx(
+    strict_server: Server,
+    method: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str],
+    status: int,
+    code: str | None,
+) -> None:
+    content = body if isinstance(body, bytes) or body is None else httpx.Request(
+        "POST", "/", json=body
+    ).content
+    r = await strict_server.client.request(method, path, content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert error["message"]
+    # the server keeps serving
+    ok = await strict_server.client.post("/v1/embeddings", json={"input": "still fine"})
+    assert ok.status_code == 200
+
+
+async def test_too_long_error_names_index_and_tokens(strict_server: Server) -> None:
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    r = await strict_server.client.post("/v1/embeddings", json={"input": ["ok", text]})
+    tokens = len(strict_server.service.encoder.tokenize([text])[0])  # type: ignore[union-attr]
+    message = r.json()["error"]["message"]
+    assert "input[1]" in message
+    assert str(tokens) in message
+
+
+async def test_unknown_fields_are_ignored(strict_server: Server) -> None:
+    r = await strict_server.client.post(
+        "/v1/embeddings", json={"input": "a", "user": "u1", "something_new": {"x": 1}}
+    )
+    assert r.status_code == 200
+
+
+async def test_truncation_caps_tokens(tiny_model_dir: Path, settings_for: Any) -> None:
+    settings = settings_for(tiny_model_dir, max_seq_length=16)
+    async with running_server(settings) as server:
+        text = "the quick brown fox jumps over the lazy dog " * 4
+        r = await server.client.post("/v1/embeddings", json={"input": [text, text]})
+        assert r.status_code == 200
+        assert r.json()["usage"]["prompt_tokens"] == 32
+        r = await server.client.post("/v1/colbert-embeddings", json={"input": text})
+        assert len(r.json()["data"][0]["embeddings"]) == 15  # every token after CLS, EOS kept
