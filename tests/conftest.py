@@ -6,7 +6,7 @@ The server runs hypercorn's trio worker in the test's own trio run, bound to
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -42,8 +42,11 @@ def bundled_source() -> ModelSource:
     return resolve_model("bundled")
 
 
+SettingsFactory = Callable[..., Settings]
+
+
 @pytest.fixture
-def settings_for(tmp_path: Path) -> Iterator[Any]:
+def settings_for(tmp_path: Path) -> SettingsFactory:
     def make(model: Path | str, **overrides: Any) -> Settings:
         base = Settings(
             model=str(model),
@@ -53,7 +56,7 @@ def settings_for(tmp_path: Path) -> Iterator[Any]:
         )
         return attrs.evolve(base, **overrides)
 
-    yield make
+    return make
 
 
 @attrs.frozen
@@ -63,9 +66,11 @@ class Server:
     service: EmbeddingService
 
 
-async def wait_ready(client: httpx.AsyncClient, timeout: float = 60.0) -> None:
-    with trio.fail_after(timeout):
-        while (await client.get("/health")).status_code != 200:
+async def wait_ready(client: httpx.AsyncClient) -> None:
+    with trio.fail_after(60):
+        while True:
+            if (await client.get("/health")).status_code == 200:
+                return
             await trio.sleep(0.05)
 
 

@@ -8,11 +8,20 @@ compare the server against it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
+
+
+@dataclass
+class RefOutput:
+    dense: np.ndarray
+    sparse: dict[int, float]
+    colbert: np.ndarray
+    tokens: int
 
 
 class ReferenceM3:
@@ -27,7 +36,7 @@ class ReferenceM3:
         tok = self.tokenizer
         self.unused = {tok.cls_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
 
-    def encode(self, texts: list[str]) -> list[dict[str, object]]:
+    def encode(self, texts: list[str]) -> list[RefOutput]:
         enc = self.tokenizer(texts, padding=True, return_tensors="pt")
         with torch.no_grad():
             h = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
@@ -46,14 +55,7 @@ class ReferenceM3:
                     continue
                 lexical[token] = max(lexical.get(token, 0.0), w)
             n = int(mask[row].sum())
-            out.append(
-                {
-                    "dense": dense[row].numpy(),
-                    "sparse": lexical,
-                    "colbert": colbert[row, : n - 1].numpy(),
-                    "tokens": n,
-                }
-            )
+            out.append(RefOutput(dense[row].numpy(), lexical, colbert[row, : n - 1].numpy(), n))
         return out
 
 

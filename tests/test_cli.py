@@ -135,8 +135,16 @@ def test_bad_setting_names_variable_and_range(
 
 def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0",
-         "bge_trio.asgi:app"],
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--worker-class",
+            "trio",
+            "--bind",
+            "127.0.0.1:0",
+            "bge_trio.asgi:app",
+        ],
         env=_env(tmp_path, BGE_TRIO_WORKERS="lots"),
         capture_output=True,
         text=True,
@@ -150,8 +158,16 @@ def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> Non
 
 def test_plain_hypercorn_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0",
-         "bge_trio.asgi:app"],
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "--worker-class",
+            "trio",
+            "--bind",
+            "127.0.0.1:0",
+            "bge_trio.asgi:app",
+        ],
         env=_env(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir)),
         stderr=subprocess.PIPE,
         text=True,
@@ -168,3 +184,35 @@ def test_plain_hypercorn_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def test_memory_too_small_exits_3_with_the_numbers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"],
+        env=_env(
+            tmp_path, BGE_TRIO_MEMORY_LIMIT_BYTES=str(1 << 20), BGE_TRIO_MEMORY_HEADROOM_BYTES="0"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 3
+    assert "too small" in out.stderr
+    assert "BGE_TRIO_MAX_SEQ_LENGTH <=" in out.stderr
+
+
+def test_probe_command_prints_the_fit_and_writes_the_cache(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = subprocess.run(
+        [*_bge_trio(), "probe", "--model", str(tiny_model_dir), "--max-seq-length", "128"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "status complete" in out.stdout
+    assert re.search(r"fit: a = [\d.]+ bytes/token, b = [\d.]+ bytes/token\^2", out.stdout)
+    assert "measured MiB" in out.stdout
+    assert list((tmp_path / "cache").glob("probe-*.json"))

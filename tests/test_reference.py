@@ -39,8 +39,8 @@ async def test_dense_matches_reference(tiny_server: Server, reference: Reference
     assert [d["index"] for d in body["data"]] == list(range(len(TEXTS)))
     for item, ref in zip(body["data"], expected, strict=True):
         assert item["object"] == "embedding"
-        np.testing.assert_allclose(item["embedding"], ref["dense"], atol=1e-5)
-    tokens = sum(int(ref["tokens"]) for ref in expected)  # type: ignore[call-overload]
+        np.testing.assert_allclose(item["embedding"], ref.dense, atol=1e-5)
+    tokens = sum(ref.tokens for ref in expected)
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
@@ -52,11 +52,11 @@ async def test_sparse_matches_reference(tiny_server: Server, reference: Referenc
     for item, ref in zip(r.json()["data"], reference.encode(TEXTS), strict=True):
         assert item["object"] == "sparse_embedding"
         values = item["sparse_values"]
-        lexical = ref["sparse"]
-        assert isinstance(lexical, dict)
+        lexical = ref.sparse
         assert values["indices"] == sorted(lexical)
-        np.testing.assert_allclose(values["values"], [lexical[i] for i in values["indices"]],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            values["values"], [lexical[i] for i in values["indices"]], atol=1e-5
+        )
         assert values["tokens"] == reference.tokenizer.convert_ids_to_tokens(values["indices"])
 
 
@@ -69,8 +69,7 @@ async def test_colbert_matches_reference(tiny_server: Server, reference: Referen
         for item, ref in zip(r.json()["data"], reference.encode(TEXTS), strict=True):
             vectors = item["embeddings"]
             got = np.array([_b64(v) for v in vectors]) if fmt == "base64" else np.array(vectors)
-            colbert = ref["colbert"]
-            assert isinstance(colbert, np.ndarray)
+            colbert = ref.colbert
             assert got.shape == colbert.shape
             np.testing.assert_allclose(got, colbert, atol=1e-5)
 
@@ -80,9 +79,8 @@ async def test_both_from_one_pass(tiny_server: Server, reference: ReferenceM3, p
     r = await tiny_server.client.post(path, json={"input": TEXTS[:2]})
     assert r.status_code == 200
     for item, ref in zip(r.json()["data"], reference.encode(TEXTS[:2]), strict=True):
-        np.testing.assert_allclose(item["embedding"], ref["dense"], atol=1e-5)
-        lexical = ref["sparse"]
-        assert isinstance(lexical, dict)
+        np.testing.assert_allclose(item["embedding"], ref.dense, atol=1e-5)
+        lexical = ref.sparse
         assert item["sparse_values"]["indices"] == sorted(lexical)
 
 
@@ -117,8 +115,9 @@ async def test_token_id_input_equals_text_input(
     single = (await tiny_server.client.post("/v1/embeddings", json={"input": ids[0]})).json()
     for t, i in zip(by_text["data"], by_ids["data"], strict=True):
         np.testing.assert_allclose(t["embedding"], i["embedding"], atol=1e-6)
-    np.testing.assert_allclose(single["data"][0]["embedding"], by_text["data"][0]["embedding"],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        single["data"][0]["embedding"], by_text["data"][0]["embedding"], atol=1e-6
+    )
     assert by_ids["usage"]["prompt_tokens"] == sum(len(x) for x in ids)
 
 
@@ -138,7 +137,7 @@ async def test_concurrent_requests_each_get_their_own_answer(
         for i in range(len(texts)):
             nursery.start_soon(one, i)
     for i, ref in enumerate(expected):
-        np.testing.assert_allclose(got[i], ref["dense"], atol=1e-5)
+        np.testing.assert_allclose(got[i], ref.dense, atol=1e-5)
 
 
 async def test_models_health_live_info(tiny_server: Server) -> None:

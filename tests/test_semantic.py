@@ -39,7 +39,7 @@ async def test_matches_sentence_transformers(
 
     def encode() -> np.ndarray:
         model = SentenceTransformer(str(bundled_source.path), device="cpu")
-        return model.encode(SENTENCES, normalize_embeddings=True)  # type: ignore[no-any-return]
+        return model.encode(SENTENCES, normalize_embeddings=True)
 
     expected = await trio.to_thread.run_sync(encode)
     r = await bundled_server.client.post("/v1/embeddings", json={"input": SENTENCES})

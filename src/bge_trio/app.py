@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from bge_trio import logs
 from bge_trio.api import errors, routes
 from bge_trio.config import Settings
+from bge_trio.memory.plan import Planner, plan_memory
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.service import EmbeddingService
 
@@ -35,12 +36,13 @@ def create_app(
     source: ModelSource | None = None,
     root: Path = Path("/"),
     exit_on_failure: bool = True,
+    planner: Planner = plan_memory,
 ) -> QuartTrio:
     """Build the app; raises ConfigError / ModelNotFoundError for a bad configuration."""
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
     source = source or resolve_model(settings.model)
-    service = EmbeddingService(settings, source, root=root)
+    service = EmbeddingService(settings, source, root=root, planner=planner)
 
     app = QuartTrio("bge_trio")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

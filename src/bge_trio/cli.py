@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", help="inputs allowed in one request")
     serve.add_argument("--probe", choices=["auto", "off", "force"])
     serve.add_argument(
-        "--graceful-timeout", type=float, default=30.0,
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
         help="seconds to finish in-flight requests on shutdown",
     )
     _add_setting_flags(serve)

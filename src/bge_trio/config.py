@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 
@@ -154,12 +154,13 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
-def _choice(*choices: str, upper: bool = False) -> Callable[[str], T]:  # type: ignore[type-var]
-    def parse(raw: str) -> T:
+def _choice(*choices: str, upper: bool = False) -> Callable[[str], Any]:
+    # Any: the caller's field is a Literal of exactly these choices.
+    def parse(raw: str) -> Any:
         value = raw.upper() if upper else raw.lower()
         if value not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}")
-        return value  # type: ignore[return-value]
+        return value
 
     return parse
 

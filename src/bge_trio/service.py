@@ -27,8 +27,7 @@ import trio
 from bge_trio.config import Settings
 from bge_trio.errors import ApiError, invalid, unavailable
 from bge_trio.memory.budget import Budget, detect_memory_limit
-from bge_trio.memory.cost import Point
-from bge_trio.memory.cost import CONSERVATIVE
+from bge_trio.memory.cost import CONSERVATIVE, Point
 from bge_trio.memory.plan import (
     MemoryPlan,
     MemoryTooSmallError,
@@ -222,7 +221,9 @@ class EmbeddingService:
             await self.gate.wait_open(self.settings.startup_wait_s)
         if self.status == "error":
             raise ApiError(
-                503, "the server failed to start; see its log", type="server_error",
+                503,
+                "the server failed to start; see its log",
+                type="server_error",
                 code="startup_failed",
             )
         if not self.gate.is_open or self.encoder is None:

@@ -55,8 +55,9 @@ def register(app: Quart) -> None:
         elif status == 413:
             message = "the request body is larger than this server accepts"
         headers = {}
-        if status == 405 and getattr(error, "valid_methods", None):
-            headers["Allow"] = ", ".join(error.valid_methods or [])
+        allowed = getattr(error, "valid_methods", None)
+        if status == 405 and allowed:
+            headers["Allow"] = ", ".join(allowed)
         return error_response(
             ApiError(status, message, code=_HTTP_CODES.get(status), headers=headers)
         )

@@ -29,7 +29,8 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
     created = int(time.time())
 
     async def body() -> dict[str, Any]:
-        data = await request.get_data()
+        raw = await request.get_data()
+        data = raw.encode() if isinstance(raw, str) else raw
         return schemas.parse_json_body(request.headers.get("Content-Type"), data)
 
     async def embed(payload: dict[str, Any], outputs: frozenset[Output]) -> Embedded:

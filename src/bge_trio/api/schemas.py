@@ -79,12 +79,14 @@ def parse_inputs(value: object, *, max_items: int, param: str = "input") -> Inpu
         for index, ids in enumerate(value):
             if not ids:
                 raise invalid(
-                    f"'{param}[{index}]' is an empty token id list", param=param,
+                    f"'{param}[{index}]' is an empty token id list",
+                    param=param,
                     code="empty_input",
                 )
             if not all(_is_int(t) for t in ids):
                 raise invalid(
-                    f"'{param}[{index}]' must be a list of integer token ids", param=param,
+                    f"'{param}[{index}]' must be a list of integer token ids",
+                    param=param,
                     code="invalid_input",
                 )
         return Inputs(None, [list(ids) for ids in value])
@@ -129,7 +131,7 @@ def parse_flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
 
 
 def check_model(body: dict[str, Any]) -> None:
-    """``model`` is optional and any name is accepted (one model is served), but it must be a string."""
+    """``model`` and ``user`` are optional and any value is accepted, but they must be strings."""
     value = body.get("model")
     if value is not None and not isinstance(value, str):
         raise invalid("'model' must be a string", param="model", code="invalid_type")

@@ -106,9 +106,7 @@ def _cgroup1_limit(root: Path) -> MemoryLimit | None:
     mount = root / "sys/fs/cgroup/memory"
     if not mount.is_dir():
         return None
-    group = next(
-        (path for ctl, path in _own_cgroups(root) if "memory" in ctl.split(",")), "/"
-    )
+    group = next((path for ctl, path in _own_cgroups(root) if "memory" in ctl.split(",")), "/")
     best: tuple[int, Path] | None = None
     for directory in _walk_up(mount, group):
         value = _read_int(directory / "memory.limit_in_bytes")

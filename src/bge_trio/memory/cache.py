@@ -115,7 +115,9 @@ class ProbeCache:
             log.warning("probe cache %s is corrupt (%s); probing again", path, exc)
             return None
 
-    def store(self, key: CacheKey, model: CostModel, points: tuple[Point, ...], method: str) -> Path:
+    def store(
+        self, key: CacheKey, model: CostModel, points: tuple[Point, ...], method: str
+    ) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = {
             "key": dict(key.fields),

@@ -75,7 +75,10 @@ class Fit:
 
 
 def fit_cost_model(points: Sequence[Point], *, max_condition: float = 1e8) -> Fit:
-    """Least-squares a, b through the points; raise SingularFitError if they cannot be told apart."""
+    """Least-squares a and b through the points.
+
+    Raises SingularFitError when the points cannot tell the two terms apart.
+    """
     if len(points) < 2:
         raise SingularFitError("need at least two measured shapes")
     x = np.array([[p.batch * p.seq, p.batch * p.seq * p.seq] for p in points], dtype=np.float64)

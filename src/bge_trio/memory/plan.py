@@ -124,8 +124,12 @@ def plan_memory(
 ) -> MemoryPlan:
     """Decide the cost model (synchronous; run it in a worker thread)."""
     if settings.cost_a is not None and settings.cost_b is not None:
-        plan = MemoryPlan("disabled", CostModel(settings.cost_a, settings.cost_b), budget,
-                          detail="BGE_TRIO_COST_A/B set")
+        plan = MemoryPlan(
+            "disabled",
+            CostModel(settings.cost_a, settings.cost_b),
+            budget,
+            detail="BGE_TRIO_COST_A/B set",
+        )
     elif settings.probe == "off":
         plan = MemoryPlan("disabled", CONSERVATIVE, budget, detail="BGE_TRIO_PROBE=off")
     else:
@@ -187,7 +191,8 @@ def check_fits(plan: MemoryPlan, max_seq: int) -> None:
     longest = plan.cost.max_seq_within(budget.workspace_bytes)
     raise MemoryTooSmallError(
         f"memory limit {budget.limit.bytes} bytes ({budget.limit.source}) is too small: "
-        f"one text of {max_seq} tokens needs {need:.0f} bytes per forward pass (a={plan.cost.a:.0f}, "
+        f"one text of {max_seq} tokens needs {need:.0f} bytes per forward pass "
+        f"(a={plan.cost.a:.0f}, "
         f"b={plan.cost.b:.2f}) but the per-forward budget is {budget.workspace_bytes} bytes "
         f"after {budget.processes} x {budget.model_resident_bytes} bytes of model, "
         f"{budget.headroom_bytes} bytes headroom, safety {budget.safety} and "

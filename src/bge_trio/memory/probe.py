@@ -24,6 +24,7 @@ import ctypes.util
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -167,7 +168,7 @@ def run_probe(
         forward(*shapes[0])  # warm-up: one-off allocations, discarded
     points = []
     for done, (batch, seq) in enumerate(shapes, start=1):
-        peak = max(meter.measure(lambda b=batch, s=seq: forward(b, s)) for _ in range(repeats))
+        peak = max(meter.measure(partial(forward, batch, seq)) for _ in range(repeats))
         point = Point(batch, seq, peak)
         points.append(point)
         if progress is not None:

@@ -110,8 +110,8 @@ class Encoder:
         from transformers.utils import logging as hf_logging
 
         # Progress bars and load reports are noise in a server's log.
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         if threads:
             torch.set_num_threads(threads)
         path = source.path
@@ -129,7 +129,7 @@ class Encoder:
             log.warning("BGE_TRIO_DTYPE=bf16 but this CPU has no fast bf16; serving fp32")
             dtype = "fp32"
         if dtype == "int8":
-            model = torch.ao.quantization.quantize_dynamic(
+            model = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
                 model, {torch.nn.Linear}, dtype=torch.qint8
             )
 

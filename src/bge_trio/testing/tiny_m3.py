@@ -39,7 +39,11 @@ def build_tiny_m3(
     """Write the tiny model into ``directory`` (created if needed) and return it."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import UnigramTrainer
-    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
+    from transformers import (  # type: ignore[attr-defined]
+        XLMRobertaConfig,
+        XLMRobertaModel,
+        XLMRobertaTokenizerFast,
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -1,0 +1,69 @@
+"""Sessions: tests, lint, typecheck, serve, bench.
+
+Every session that needs torch installs the CPU wheel ``torch==2.13.0`` first, then
+the project, so the resolver finds torch already satisfied (an unpinned torch
+would pull a multi-GB CUDA build). The virtualenv backend uses pip, which finds
+that wheel; uv would not.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = "torch==2.13.0"
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite: real models, real servers on 127.0.0.1."""
+    _install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, with the async (ASYNC) rules."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, the tests and this file."""
+    _install(session, "test")
+    session.install("mypy>=1.10", "nox")
+    session.run("mypy")
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Serve the bundled offline model (all-MiniLM-L6-v2) on http://127.0.0.1:8000."""
+    _install(session, "bundled")
+    session.run(
+        "bge-trio",
+        "serve",
+        "--model",
+        "bundled",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+        *session.posargs,
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (never part of the tests): memory model accuracy and startup."""
+    _install(session, "test,bench")
+    session.run("python", "-m", "benchmarks.memory", *session.posargs)

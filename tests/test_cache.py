@@ -1,0 +1,180 @@
+"""The probe cache: hits, misses on every key field, corruption, concurrency, the lock."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import attrs
+import pytest
+
+from bge_trio.config import Settings
+from bge_trio.memory.budget import Budget, MemoryLimit
+from bge_trio.memory.cache import ProbeCache, make_key
+from bge_trio.memory.cost import CostModel, Point
+from bge_trio.memory.plan import plan_memory
+from bge_trio.model.encoder import Encoder
+
+FIELDS: dict[str, str | int] = {
+    "package": "0.1.0",
+    "model": "/models/m3#abc",
+    "dtype": "fp32",
+    "max_seq": 8192,
+    "torch": "2.13.0",
+    "cpu": "x86_64 Some CPU",
+    "threads": 2,
+}
+POINTS = (Point(8, 512, 123456), Point(1, 512, 23456))
+
+
+def test_store_then_load_is_a_hit(tmp_path: Path) -> None:
+    cache = ProbeCache(tmp_path)
+    key = make_key(**FIELDS)
+    cache.store(key, CostModel(30_000.5, 12.25), POINTS, "vmhwm")
+    hit = cache.load(key)
+    assert hit is not None
+    assert hit.model == CostModel(30_000.5, 12.25)
+    assert hit.points == POINTS
+    assert hit.method == "vmhwm"
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+def test_any_key_field_change_is_a_miss(tmp_path: Path, field: str) -> None:
+    cache = ProbeCache(tmp_path)
+    cache.store(make_key(**FIELDS), CostModel(1.0, 1.0), POINTS, "vmhwm")
+    changed = {**FIELDS, field: f"{FIELDS[field]}-other"}
+    assert cache.load(make_key(**changed)) is None
+
+
+def test_a_file_with_another_key_is_a_miss(tmp_path: Path) -> None:
+    cache = ProbeCache(tmp_path)
+    key = make_key(**FIELDS)
+    path = cache.store(key, CostModel(1.0, 1.0), POINTS, "vmhwm")
+    data = json.loads(path.read_text())
+    data["key"]["dtype"] = "bf16"
+    path.write_text(json.dumps(data))
+    assert cache.load(key) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "{not json", '{"key": {}}', '{"a": 1', "[1, 2]", "\x00\x01garbage"],
+    ids=["empty", "garbage", "missing fields", "partial", "wrong type", "binary"],
+)
+def test_corrupt_or_partial_file_is_a_miss(
+    tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = ProbeCache(tmp_path)
+    key = make_key(**FIELDS)
+    cache.path_for(key).write_text(content)
+    assert cache.load(key) is None
+
+
+def test_negative_coefficients_are_rejected(tmp_path: Path) -> None:
+    cache = ProbeCache(tmp_path)
+    key = make_key(**FIELDS)
+    path = cache.store(key, CostModel(1.0, 1.0), POINTS, "vmhwm")
+    data = json.loads(path.read_text())
+    data["a"] = -5
+    path.write_text(json.dumps(data))
+    assert cache.load(key) is None
+
+
+def test_concurrent_writers_leave_one_whole_file(tmp_path: Path) -> None:
+    cache = ProbeCache(tmp_path)
+    key = make_key(**FIELDS)
+    written = [CostModel(1000.0 + i, float(i)) for i in range(16)]
+    seen: list[CostModel] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            hit = cache.load(key)
+            if hit is not None:
+                seen.append(hit.model)
+
+    def writer(model: CostModel) -> None:
+        for _ in range(10):
+            cache.store(key, model, POINTS, "vmhwm")
+
+    threads = [threading.Thread(target=writer, args=(m,)) for m in written]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    final = cache.load(key)
+    assert final is not None
+    assert final.model in written
+    assert all(model in written for model in seen)  # never a torn read
+    assert not list(tmp_path.glob(".probe-*.tmp"))  # no temp files left behind
+
+
+def test_lock_makes_the_second_holder_wait(tmp_path: Path) -> None:
+    cache = ProbeCache(tmp_path)
+    key = make_key(**FIELDS)
+    order: list[str] = []
+    first_in = threading.Event()
+
+    def first() -> None:
+        with cache.probe_lock(key):
+            order.append("first in")
+            first_in.set()
+            time.sleep(0.3)
+            order.append("first out")
+
+    def second() -> None:
+        first_in.wait()
+        with cache.probe_lock(key):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order == ["first in", "first out", "second in"]
+
+
+def _budget() -> Budget:
+    return Budget(MemoryLimit(16 << 30, "env"), 500 << 20, 256 << 20, 0.7, 1, 1)
+
+
+def test_siblings_probe_once_and_reuse(tiny_encoder: Encoder, tmp_path: Path) -> None:
+    settings = Settings(model="tiny", cache_dir=tmp_path, probe="auto")
+    statuses: list[str] = []
+
+    def start() -> None:
+        statuses.append(plan_memory(tiny_encoder, settings, _budget(), progress=None).status)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == ["cache_hit", "cache_hit", "complete"]
+
+
+def test_modes_force_off_and_overrides(tiny_encoder: Encoder, tmp_path: Path) -> None:
+    auto = Settings(model="tiny", cache_dir=tmp_path, probe="auto")
+    assert plan_memory(tiny_encoder, auto, _budget(), progress=None).status == "complete"
+    assert plan_memory(tiny_encoder, auto, _budget(), progress=None).status == "cache_hit"
+    forced = attrs.evolve(auto, probe="force")
+    assert plan_memory(tiny_encoder, forced, _budget(), progress=None).status == "complete"
+    off = plan_memory(tiny_encoder, attrs.evolve(auto, probe="off"), _budget(), progress=None)
+    assert (off.status, off.cost) == ("disabled", CostModel(16384.0, 8.0))
+    fixed = attrs.evolve(auto, cost_a=5000.0, cost_b=3.0)
+    plan = plan_memory(tiny_encoder, fixed, _budget(), progress=None)
+    assert (plan.status, plan.cost) == ("disabled", CostModel(5000.0, 3.0))
+
+
+def test_unwritable_cache_dir_still_probes(tiny_encoder: Encoder, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    settings = Settings(model="tiny", cache_dir=blocker / "cache", probe="auto")
+    assert plan_memory(tiny_encoder, settings, _budget(), progress=None).status == "complete"

@@ -1,0 +1,111 @@
+"""Startup: the gate holds requests during the probe and always opens afterwards."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bge_trio.config import Settings
+from bge_trio.memory.budget import Budget
+from bge_trio.memory.cost import CostModel
+from bge_trio.memory.plan import MemoryPlan
+from bge_trio.memory.probe import Progress
+from bge_trio.model.encoder import Encoder
+from tests.conftest import running_server
+
+
+class ControllableProbe:
+    """A planner that measures nothing until the test lets it finish (or crash)."""
+
+    def __init__(self, crash: bool = False) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.crash = crash
+
+    def __call__(
+        self, encoder: Encoder, settings: Settings, budget: Budget, *, progress: Progress | None
+    ) -> MemoryPlan:
+        self.started.set()
+        self.release.wait(timeout=60)
+        if self.crash:
+            raise RuntimeError("probe blew up")
+        return MemoryPlan("complete", CostModel(20_000.0, 4.0), budget)
+
+
+async def _wait_for(event: threading.Event) -> None:
+    assert await trio.to_thread.run_sync(event.wait, 30)
+
+
+async def test_request_during_probe_waits_then_succeeds(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    probe = ControllableProbe()
+    async with running_server(settings_for(tiny_model_dir), ready=False, planner=probe) as server:
+        await _wait_for(probe.started)
+        health = await server.client.get("/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "probing"}
+        answers: list[int] = []
+
+        async def request() -> None:
+            r = await server.client.post("/v1/embeddings", json={"input": "waiting at the gate"})
+            answers.append(r.status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await trio.sleep(0.3)
+            assert answers == []  # held at the gate
+            assert server.service.scheduler.forwarded_items == 0
+            probe.release.set()
+        assert answers == [200]
+        health = await server.client.get("/health")
+        assert health.status_code == 200
+        assert health.json()["probe_status"] == "complete"
+        assert health.json()["cost_a_bytes_per_token"] == 20_000.0
+
+
+async def test_crashing_probe_still_opens_the_gate(tiny_model_dir: Path, settings_for: Any) -> None:
+    probe = ControllableProbe(crash=True)
+    probe.release.set()
+    async with running_server(settings_for(tiny_model_dir), planner=probe) as server:
+        health = (await server.client.get("/health")).json()
+        assert health["status"] == "ok"
+        assert health["probe_status"] == "failed"
+        assert health["cost_a_bytes_per_token"] == 16384.0
+        assert "probe blew up" in health["probe_detail"]
+        r = await server.client.post("/v1/embeddings", json={"input": "served anyway"})
+        assert r.status_code == 200
+
+
+async def test_startup_wait_expires_with_503_and_retry_after(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    probe = ControllableProbe()
+    settings = settings_for(tiny_model_dir, startup_wait_s=0.2)
+    async with running_server(settings, ready=False, planner=probe) as server:
+        await _wait_for(probe.started)
+        r = await server.client.post("/v1/embeddings", json={"input": "too early"})
+        assert r.status_code == 503
+        assert r.headers["retry-after"].isdigit()
+        assert r.json()["error"]["code"] == "not_ready"
+        probe.release.set()
+
+
+async def test_memory_too_small_fails_startup_clearly(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    settings = settings_for(tiny_model_dir, memory_limit_bytes=1 << 20, memory_headroom_bytes=0)
+    async with running_server(settings, ready=False) as server:
+        with trio.fail_after(30):
+            await server.service.failed.wait()
+        health = await server.client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "error"
+        assert "BGE_TRIO_MAX_SEQ_LENGTH" in health.json()["error"]
+        r = await server.client.post("/v1/embeddings", json={"input": "x"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "startup_failed"
+        assert "BGE_TRIO" not in r.text  # details stay in the log

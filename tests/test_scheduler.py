@@ -1,0 +1,170 @@
+"""The scheduler: memory-safe batches, every text answered once and in order, cancellation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bge_trio.memory.cost import CostModel
+from bge_trio.model.encoder import DENSE, Embedding, Encoder, Output
+from bge_trio.scheduler.batching import BatchPolicy, plan_batch
+from bge_trio.scheduler.gate import Gate
+from bge_trio.scheduler.scheduler import BatchFailedError, Scheduler
+
+
+class RecordingModel:
+    """The real tiny model, remembering every batch it was given."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.batches: list[list[tuple[int, ...]]] = []
+
+    def __call__(
+        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
+    ) -> list[Embedding]:
+        self.batches.append([tuple(ids) for ids in batch])
+        return self.encoder.forward(batch, outputs)
+
+    @property
+    def seen(self) -> Counter[tuple[int, ...]]:
+        return Counter(ids for batch in self.batches for ids in batch)
+
+
+def _text(rng: np.random.Generator, length: int) -> list[int]:
+    # <s> ... </s> with ordinary token ids of the tiny model in between
+    return [0, *rng.integers(5, 100, size=max(0, length - 2)).tolist(), 2][:length]
+
+
+def token_policy(tokens: int) -> BatchPolicy:
+    """A budget of exactly ``tokens`` padded tokens per batch (a = 1 byte, b = 0)."""
+    return BatchPolicy(CostModel(1.0, 0.0), float(tokens))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.lists(st.integers(2, 48), min_size=1, max_size=6), min_size=1, max_size=6),
+    budget=st.integers(48, 300),
+    workers=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_batches_fit_and_every_text_is_answered_once_in_order(
+    tiny_encoder: Encoder, lengths: list[list[int]], budget: int, workers: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    requests = [[_text(rng, n) for n in request] for request in lengths]
+    model = RecordingModel(tiny_encoder)
+    policy = token_policy(budget)
+    results: dict[int, list[Embedding]] = {}
+
+    async def main() -> None:
+        gate = Gate(workers)
+        scheduler = Scheduler(model, gate, policy, batch_wait_s=0.001)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(scheduler.run)
+            gate.open()
+            async with trio.open_nursery() as clients:
+                for i, request in enumerate(requests):
+
+                    async def one(i: int = i, request: list[list[int]] = request) -> None:
+                        results[i] = await scheduler.submit(request, DENSE)
+
+                    clients.start_soon(one)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    for batch in model.batches:
+        assert policy.fits(len(batch), max(len(ids) for ids in batch))
+    submitted = Counter(tuple(ids) for request in requests for ids in request)
+    assert model.seen == submitted  # exactly once each
+    for i, request in enumerate(requests):
+        expected = tiny_encoder.forward(request, DENSE)
+        assert len(results[i]) == len(request)
+        for got, want in zip(results[i], expected, strict=True):
+            np.testing.assert_allclose(got.dense, want.dense, atol=1e-5)  # type: ignore[arg-type]
+
+
+async def test_cancelled_requests_never_reach_the_model(tiny_encoder: Encoder) -> None:
+    model = RecordingModel(tiny_encoder)
+    gate = Gate(1)
+    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    abandoned = [[0, 77, 77, 77, 2], [0, 78, 78, 2]]
+    kept = [[0, 5, 6, 2]]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        with trio.move_on_after(0.2):  # a deadline passes while the gate is closed
+            await scheduler.submit(abandoned, DENSE)
+        results: list[Embedding] = []
+        answered = trio.Event()
+
+        async def survivor() -> None:
+            results.extend(await scheduler.submit(kept, DENSE))
+            answered.set()
+
+        nursery.start_soon(survivor)
+        await trio.sleep(0.05)
+        gate.open()
+        with trio.fail_after(10):
+            await answered.wait()
+        nursery.cancel_scope.cancel()
+    assert model.seen == Counter({tuple(kept[0]): 1})
+    assert scheduler.forwarded_items == 1
+
+
+async def test_concurrent_requests_share_batches(tiny_encoder: Encoder) -> None:
+    model = RecordingModel(tiny_encoder)
+    gate = Gate(1)
+    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    requests = [[[0, 10 + r, 20 + i, 2] for i in range(2)] for r in range(3)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        async with trio.open_nursery() as clients:
+            for request in requests:
+                clients.start_soon(scheduler.submit, request, DENSE)
+            await trio.sleep(0.05)  # all queued behind the closed gate
+            gate.open()
+        nursery.cancel_scope.cancel()
+    assert len(model.batches) == 1
+    assert len(model.batches[0]) == 6
+
+
+async def test_a_failing_batch_fails_only_its_requests(tiny_encoder: Encoder) -> None:
+    poison = (0, 99, 99, 2)
+
+    def flaky(batch: Sequence[Sequence[int]], outputs: frozenset[Output]) -> list[Embedding]:
+        if any(tuple(ids) == poison for ids in batch):
+            raise RuntimeError("bad batch")
+        return tiny_encoder.forward(batch, outputs)
+
+    gate = Gate(1)
+    gate.open()
+    scheduler = Scheduler(flaky, gate, token_policy(10_000), batch_wait_s=0.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        with pytest.raises(BatchFailedError, match="forward pass failed"):
+            await scheduler.submit([list(poison)], DENSE)
+        ok = await scheduler.submit([[0, 5, 2]], DENSE)
+        assert len(ok) == 1
+        nursery.cancel_scope.cancel()
+
+
+@given(
+    lengths=st.lists(st.integers(1, 512), min_size=1, max_size=60),
+    budget=st.integers(1, 20_000),
+    cap=st.one_of(st.none(), st.integers(8, 4096)),
+)
+def test_plan_includes_the_oldest_and_fits(
+    lengths: list[int], budget: int, cap: int | None
+) -> None:
+    policy = BatchPolicy(CostModel(1.0, 0.01), float(budget), max_batch_tokens=cap)
+    chosen = plan_batch(lengths, policy)
+    assert 0 in chosen
+    assert len(set(chosen)) == len(chosen)
+    assert all(0 <= i < len(lengths) for i in chosen)
+    if len(chosen) > 1:
+        assert policy.fits(len(chosen), max(lengths[i] for i in chosen))
