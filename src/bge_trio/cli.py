@@ -31,6 +31,7 @@ _SETTING_FLAGS = {
     "processes": "PROCESSES",
     "max_batch": "MAX_BATCH",
     "dtype": "DTYPE",
+    "allocator": "ALLOCATOR",
     "memory_limit_bytes": "MEMORY_LIMIT_BYTES",
     "probe": "PROBE",
     "cache_dir": "CACHE_DIR",
@@ -44,6 +45,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-length", help="longest input in tokens")
     parser.add_argument("--workers", help="concurrent forward passes per process")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--allocator", choices=["predictable", "fast"])
     parser.add_argument("--memory-limit-bytes", help="override the detected memory limit")
     parser.add_argument("--cache-dir", help="where the probe cache is kept")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

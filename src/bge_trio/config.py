@@ -17,6 +17,7 @@ import attrs
 
 PREFIX = "BGE_TRIO_"
 ProbeMode = Literal["auto", "off", "force"]
+Allocator = Literal["predictable", "fast"]
 DType = Literal["fp32", "bf16", "int8"]
 T = TypeVar("T")
 
@@ -37,6 +38,7 @@ class Settings:
     max_batch: int = 256
     truncate: bool = True
     dtype: DType = "fp32"
+    allocator: Allocator = "predictable"
     startup_wait_s: float = 30.0
     memory_limit_bytes: int | None = None
     memory_safety: float = 0.7
@@ -71,6 +73,7 @@ class Settings:
             max_batch=r.get("MAX_BATCH", _int(1, 100_000), 256),
             truncate=r.get("TRUNCATE", _bool, True),
             dtype=r.get("DTYPE", _choice("fp32", "bf16", "int8"), "fp32"),
+            allocator=r.get("ALLOCATOR", _choice("predictable", "fast"), "predictable"),
             startup_wait_s=r.get("STARTUP_WAIT_S", _float(0.0, 3600.0), 30.0),
             memory_limit_bytes=r.get("MEMORY_LIMIT_BYTES", _int(1 << 20, 1 << 50), None),
             memory_safety=r.get("MEMORY_SAFETY", _float(0.05, 1.0), 0.7),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from bge_trio.config import Settings
+from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.budget import Budget, detect_memory_limit
 from bge_trio.memory.cost import Point
 from bge_trio.memory.plan import MemoryTooSmallError, check_fits, cpu_count, plan_memory
@@ -17,6 +18,7 @@ MIB = 1024 * 1024
 
 def run_probe_command(settings: Settings, source: ModelSource) -> int:
     out = sys.stdout
+    configure_allocator(settings.allocator)
     print(f"loading {source.path} ...", file=out, flush=True)
     encoder = Encoder.load(
         source,

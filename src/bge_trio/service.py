@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from bge_trio.config import Settings
 from bge_trio.errors import ApiError, invalid, unavailable
+from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.budget import Budget, detect_memory_limit
 from bge_trio.memory.cost import CONSERVATIVE, Point
 from bge_trio.memory.plan import (
@@ -37,11 +40,19 @@ from bge_trio.memory.plan import (
     plan_memory,
 )
 from bge_trio.memory.probe import malloc_trim, resident_bytes
-from bge_trio.model.encoder import Embedding, Encoder, ModelConfigError, ModelInfo, Output
+from bge_trio.model.encoder import (
+    Embedding,
+    Encoder,
+    ModelConfigError,
+    ModelInfo,
+    Output,
+    Token,
+)
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.scheduler import BatchFailedError, Scheduler, unlimited_policy
+from bge_trio.scoring import MODES, Weights, combine, score_matrix
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,15 @@ class Embedded:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(ids) for ids in self.token_ids)
+
+
+@attrs.frozen(eq=False)
+class Scored:
+    """Score matrices (queries x documents) by mode, the modes used, and tokens embedded."""
+
+    scores: dict[str, npt.NDArray[np.float32]]
+    modes: tuple[Output, ...]
+    prompt_tokens: int
 
 
 class EmbeddingService:
@@ -100,6 +120,7 @@ class EmbeddingService:
     async def start(self) -> None:
         """Load the model, plan memory, check readiness, then open the gate (always)."""
         try:
+            configure_allocator(self.settings.allocator)
             threads = max(1, cpu_count() // self.settings.workers)
             self.encoder = await trio.to_thread.run_sync(self._load, threads)
             self.status = "probing"
@@ -257,16 +278,49 @@ class EmbeddingService:
             raise ApiError(500, "internal server error", type="server_error") from None
         return Embedded(results, ids)
 
+    async def score(
+        self, queries: Sequence[str], documents: Sequence[str], weights: Weights
+    ) -> Scored:
+        """Embed queries and documents together, then score every pair off the event loop."""
+        encoder = await self.ready()
+        modes = [mode for mode in MODES if mode in encoder.info.outputs]
+        if sum(weights.of(mode) for mode in modes) <= 0:
+            raise invalid(
+                f"'weights' must give a positive weight to at least one of: {', '.join(modes)}",
+                param="weights",
+                code="invalid_weights",
+            )
+        embedded = await self.embed([*queries, *documents], None, frozenset(modes))
+        q, d = embedded.embeddings[: len(queries)], embedded.embeddings[len(queries) :]
+
+        def compute() -> dict[str, npt.NDArray[np.float32]]:
+            return combine(score_matrix(q, d, modes), weights)
+
+        return Scored(await trio.to_thread.run_sync(compute), tuple(modes), embedded.prompt_tokens)
+
+    async def tokens(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[Token]]:
+        encoder = await self.ready()
+        return await trio.to_thread.run_sync(encoder.tokens, texts, add_special_tokens)
+
+    async def decode(
+        self, token_ids: Sequence[Sequence[int]], skip_special_tokens: bool
+    ) -> list[str]:
+        encoder = await self.ready()
+        checked = self._check_token_ids(encoder, token_ids, param="ids")
+        return await trio.to_thread.run_sync(encoder.decode, checked, skip_special_tokens)
+
     @staticmethod
-    def _check_token_ids(encoder: Encoder, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    def _check_token_ids(
+        encoder: Encoder, token_ids: Sequence[Sequence[int]], param: str = "input"
+    ) -> list[list[int]]:
         vocab = encoder.info.vocab_size
         for index, ids in enumerate(token_ids):
             for token in ids:
                 if not 0 <= token < vocab:
                     raise invalid(
-                        f"input[{index}] has token id {token}, outside this model's vocabulary "
+                        f"{param}[{index}] has token id {token}, outside this model's vocabulary "
                         f"[0, {vocab})",
-                        param="input",
+                        param=param,
                         code="invalid_token_id",
                     )
         return [list(ids) for ids in token_ids]

@@ -9,12 +9,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import attrs
+import numpy as np
 from quart import Blueprint, Response, request
 
 from bge_trio import __version__
 from bge_trio.api import schemas
 from bge_trio.api.encoding import encode_matrix, encode_vector, shorten, sparse_values
 from bge_trio.api.errors import json_response
+from bge_trio.errors import invalid
 from bge_trio.model.encoder import Embedding, Output
 from bge_trio.service import Embedded, EmbeddingService
 
@@ -22,6 +25,7 @@ DENSE: frozenset[Output] = frozenset({"dense"})
 SPARSE: frozenset[Output] = frozenset({"sparse"})
 BOTH: frozenset[Output] = frozenset({"dense", "sparse"})
 COLBERT: frozenset[Output] = frozenset({"colbert"})
+SCORE_NAMES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 
 
 def create_blueprint(service: EmbeddingService) -> Blueprint:
@@ -113,6 +117,65 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         indices, values = _dense(e.sparse)
         tokens = service.token_strings(indices.tolist()) if return_tokens else None
         return sparse_values(indices, values, tokens)
+
+    @api.post("/v1/score")
+    async def score() -> Response:
+        payload = await body()
+        schemas.check_model(payload)
+        settings = service.settings
+        req = schemas.parse_score_request(
+            payload, max_items=settings.max_batch, max_pairs=settings.max_score_pairs
+        )
+        scored = await service.score(req.queries, req.documents, req.weights)
+        names = [name for name in SCORE_NAMES if name in scored.scores]
+        data = []
+        for qi, query in enumerate(req.queries):
+            order = np.argsort(-scored.scores["hybrid"][qi], kind="stable")
+            if req.top_n is not None:
+                order = order[: req.top_n]
+            results = []
+            for di in order.tolist():
+                result: dict[str, Any] = {"index": di}
+                if req.return_documents:
+                    result["document"] = req.documents[di]
+                result["score"] = float(scored.scores["hybrid"][qi, di])
+                result.update({name: float(scored.scores[name][qi, di]) for name in names})
+                results.append(result)
+            data.append({"object": "score_list", "index": qi, "query": query, "results": results})
+        tokens = scored.prompt_tokens
+        return json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": service.info.name,
+                "modes": list(scored.modes),
+                "weights": attrs.asdict(req.weights),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    @api.post("/tokenize")
+    async def tokenize() -> Response:
+        payload = await body()
+        inputs = schemas.parse_inputs(
+            payload.get("inputs"), max_items=service.settings.max_batch, param="inputs"
+        )
+        if inputs.texts is None:
+            raise invalid(
+                "'inputs' must be a string or a list of strings",
+                param="inputs",
+                code="invalid_input",
+            )
+        add_special = schemas.parse_flag(payload, "add_special_tokens", default=True)
+        tokens = await service.tokens(inputs.texts, add_special)
+        return json_response([[attrs.asdict(t) for t in row] for row in tokens])
+
+    @api.post("/decode")
+    async def decode() -> Response:
+        payload = await body()
+        ids = schemas.parse_ids(payload.get("ids"), max_items=service.settings.max_batch)
+        skip = schemas.parse_flag(payload, "skip_special_tokens", default=True)
+        return json_response(await service.decode(ids, skip))
 
     @api.get("/v1/models")
     async def models() -> Response:

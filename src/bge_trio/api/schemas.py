@@ -13,6 +13,7 @@ import attrs
 import orjson
 
 from bge_trio.errors import ApiError, invalid
+from bge_trio.scoring import Weights
 
 EncodingFormat = Literal["float", "base64"]
 
@@ -138,3 +139,86 @@ def check_model(body: dict[str, Any]) -> None:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("'user' must be a string", param="user", code="invalid_type")
+
+
+@attrs.frozen
+class ScoreRequest:
+    queries: list[str]
+    documents: list[str]
+    weights: Weights
+    top_n: int | None
+    return_documents: bool
+
+
+def _strings(value: object, name: str, max_items: int) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise invalid(
+            f"'{name}' must be a string or a list of strings", param=name, code="invalid_input"
+        )
+    if not value:
+        raise invalid(f"'{name}' must not be empty", param=name, code="empty_input")
+    if len(value) > max_items:
+        raise invalid(
+            f"'{name}' has {len(value)} items; at most {max_items} are allowed per request",
+            param=name,
+            code="too_many_inputs",
+        )
+    return list(value)
+
+
+def parse_score_request(body: dict[str, Any], *, max_items: int, max_pairs: int) -> ScoreRequest:
+    queries = _strings(body.get("queries"), "queries", max_items)
+    documents = _strings(body.get("documents"), "documents", max_items)
+    if isinstance(body.get("documents"), str):
+        raise invalid(
+            "'documents' must be a list of strings", param="documents", code="invalid_input"
+        )
+    pairs = len(queries) * len(documents)
+    if pairs > max_pairs:
+        raise invalid(
+            f"{len(queries)} queries x {len(documents)} documents = {pairs} pairs, more than "
+            f"the limit of {max_pairs} (BGE_TRIO_MAX_SCORE_PAIRS)",
+            param="documents",
+            code="too_many_pairs",
+        )
+    raw_weights = body.get("weights", [1.0, 1.0, 1.0])
+    if (
+        not isinstance(raw_weights, list)
+        or len(raw_weights) != 3
+        or not all(_is_number(w) and w >= 0 for w in raw_weights)
+        or sum(raw_weights) <= 0
+    ):
+        raise invalid(
+            "'weights' must be three non-negative numbers for [dense, sparse, colbert], not "
+            "all zero",
+            param="weights",
+            code="invalid_weights",
+        )
+    top_n = body.get("top_n")
+    if top_n is not None and (not _is_int(top_n) or top_n < 1):
+        raise invalid("'top_n' must be a positive integer", param="top_n", code="invalid_top_n")
+    return ScoreRequest(
+        queries,
+        documents,
+        Weights(*(float(w) for w in raw_weights)),
+        top_n,
+        parse_flag(body, "return_documents"),
+    )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_ids(value: object, *, max_items: int) -> list[list[int]]:
+    """``ids`` of /decode: one token id list, or a list of them."""
+    inputs = parse_inputs(value, max_items=max_items, param="ids")
+    if inputs.token_ids is None:
+        raise invalid(
+            "'ids' must be a list of token ids or a list of such lists",
+            param="ids",
+            code="invalid_input",
+        )
+    return inputs.token_ids

@@ -5,8 +5,9 @@ that grow with the number of tokens (B*S: hidden states, feed-forward) and
 attention scores that grow with B*S^2. ``a`` and ``b`` are bytes per token and per
 token squared of peak memory above the pre-forward baseline.
 
-The fit scales each column to unit norm before solving, because B*S^2 is orders of
-magnitude larger than B*S and an unscaled system is badly conditioned.
+The fit minimises the relative error of each point, and scales each column to unit
+norm before solving, because B*S^2 is orders of magnitude larger than B*S and an
+unscaled system is badly conditioned.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def fit_cost_model(points: Sequence[Point], *, max_condition: float = 1e8) -> Fi
         raise SingularFitError("need at least two measured shapes")
     x = np.array([[p.batch * p.seq, p.batch * p.seq * p.seq] for p in points], dtype=np.float64)
     y = np.array([p.peak_bytes for p in points], dtype=np.float64)
+    # Minimise relative, not absolute, error: a 2 MiB miss matters on a 20 MiB pass and not
+    # on a 2 GiB one. Each row is divided by its measurement.
+    row_weight = 1.0 / np.maximum(y, 1.0)
+    x = x * row_weight[:, None]
+    y = y * row_weight
     scale = np.linalg.norm(x, axis=0)
     if np.any(scale == 0):
         raise SingularFitError("a column of the design matrix is zero")

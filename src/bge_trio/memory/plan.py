@@ -91,6 +91,7 @@ def cache_key_for(encoder: Encoder, settings: Settings) -> dict[str, str | int]:
         "package": __version__,
         "model": identity,
         "dtype": info.dtype,
+        "allocator": settings.allocator,
         "max_seq": info.max_seq_length,
         "torch": torch.__version__,
         "cpu": cpu_identity(),

@@ -179,6 +179,42 @@ class Encoder:
         )
         return [list(ids) for ids in encoded["input_ids"]]
 
+    def tokens(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[Token]]:
+        """Each text's tokens with their text pieces and character offsets."""
+        encoded = self.tokenizer(
+            list(texts),
+            add_special_tokens=add_special_tokens,
+            truncation=False,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            verbose=False,
+        )
+        out = []
+        for text, ids, offsets, special in zip(
+            texts,
+            encoded["input_ids"],
+            encoded["offset_mapping"],
+            encoded["special_tokens_mask"],
+            strict=True,
+        ):
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            row = []
+            for token_id, (start, stop), is_special, piece in zip(
+                ids, offsets, special, pieces, strict=True
+            ):
+                if is_special:
+                    row.append(Token(token_id, piece, True, None, None))
+                else:
+                    row.append(Token(token_id, text[start:stop], False, start, stop))
+            out.append(row)
+        return out
+
+    def decode(self, token_ids: Sequence[Sequence[int]], skip_special_tokens: bool) -> list[str]:
+        return [
+            self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+            for ids in token_ids
+        ]
+
     def truncate(self, ids: Sequence[int], length: int) -> list[int]:
         """Cut to ``length`` tokens, keeping a closing special token as the tokenizer would."""
         if len(ids) <= length:
@@ -253,3 +289,14 @@ def _sentence_transformers_max_seq(path: Path) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+@attrs.frozen
+class Token:
+    """One token of a text, as /tokenize shows it."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None

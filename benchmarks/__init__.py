@@ -1,0 +1,1 @@
+"""Benchmarks for bge-trio (``nox -s bench``); never part of the test suite."""

@@ -1,0 +1,262 @@
+"""Memory-model benchmark: probe time, cache-hit startup, held-out accuracy, batch utilisation.
+
+    python -m benchmarks.memory [--model bundled] [--max-seq 512]
+
+Prints a report, writes ``docs/memory-model.json`` (the numbers) and
+``docs/memory-model.png`` (measured vs predicted peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trio
+
+from bge_trio.config import Settings
+from bge_trio.memory.allocator import configure_allocator
+from bge_trio.memory.budget import Budget, detect_memory_limit
+from bge_trio.memory.cost import CostModel
+from bge_trio.memory.plan import cpu_count, plan_memory, synthetic_forward
+from bge_trio.memory.probe import PeakMeter, malloc_trim, resident_bytes
+from bge_trio.model.encoder import Encoder
+from bge_trio.model.source import resolve_model
+from bge_trio.scheduler.batching import BatchPolicy, plan_batch
+from bge_trio.service import EmbeddingService
+
+MIB = 1 << 20
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def held_out_shapes(max_seq: int) -> list[tuple[int, int]]:
+    """Shapes the probe never measures: other token counts, other lengths."""
+    s = max_seq
+    return [
+        (3, s),
+        (2, 3 * s // 4),
+        (24, s // 5),
+        (48, s // 3),
+        (12, 3 * s // 8),
+        (96, s // 12),
+        (6, 7 * s // 8),
+        (160, s // 16),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--max-seq", type=int, default=512)
+    parser.add_argument("--allocator", default="predictable", choices=["predictable", "fast"])
+    parser.add_argument("--budget-mib", type=int, default=256, help="workspace for utilisation")
+    args = parser.parse_args()
+
+    configure_allocator(args.allocator)
+    source = resolve_model(args.model)
+    threads = cpu_count()
+    started = time.perf_counter()
+    encoder = Encoder.load(source, max_seq_length=args.max_seq, threads=threads)
+    load_s = time.perf_counter() - started
+    encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
+    malloc_trim()
+    limit = detect_memory_limit()
+    budget = Budget(limit, resident_bytes(), 256 * MIB, 0.7, 1, 1)
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        settings = Settings(
+            model=args.model,
+            max_seq_length=args.max_seq,
+            cache_dir=Path(cache_dir),
+            probe="force",
+            allocator=args.allocator,
+        )
+        plan = plan_memory(encoder, settings, budget, progress=None)
+        assert plan.probe_seconds is not None
+        cost = plan.cost
+
+        # cache-hit start: a fresh service start (model load + cache hit + readiness)
+        hit_settings = Settings(
+            model=args.model,
+            max_seq_length=args.max_seq,
+            cache_dir=Path(cache_dir),
+            probe="auto",
+            allocator=args.allocator,
+        )
+        load_again = time.perf_counter()
+        Encoder.load(source, max_seq_length=args.max_seq, threads=threads)
+        load_warm_s = time.perf_counter() - load_again
+        service = EmbeddingService(hit_settings, source)
+        start = time.perf_counter()
+        trio.run(service.start)
+        start_s = time.perf_counter() - start
+        assert service.memory is not None
+        hit_status = service.memory.status
+
+    # held-out accuracy
+    meter = PeakMeter()
+    forward = synthetic_forward(encoder)
+    held: list[dict[str, Any]] = []
+    for b, s in held_out_shapes(args.max_seq):
+        forward(b, s)
+        measured = max(meter.measure(lambda b=b, s=s: forward(b, s)) for _ in range(3))
+        predicted = cost.predict(b, s)
+        held.append(
+            {
+                "batch": b,
+                "seq": s,
+                "measured": measured,
+                "predicted": predicted,
+                "error_pct": 100 * (measured - predicted) / predicted,
+            }
+        )
+
+    utilisation = batch_utilisation(cost, args.budget_mib * MIB, encoder, args.max_seq)
+
+    report = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": encoder.info.name,
+        "allocator": args.allocator,
+        "max_seq": args.max_seq,
+        "probe_seconds": plan.probe_seconds,
+        "probe_method": plan.method,
+        "fit": {"a": cost.a, "b": cost.b},
+        "fit_points": [
+            {
+                "batch": p.batch,
+                "seq": p.seq,
+                "measured": p.peak_bytes,
+                "predicted": cost.predict(p.batch, p.seq),
+            }
+            for p in plan.points
+        ],
+        "model_load_seconds_cold": load_s,
+        "model_load_seconds_warm": load_warm_s,
+        "cache_hit_start_seconds": start_s,
+        "cache_hit_status": hit_status,
+        "held_out": held,
+        "held_out_max_abs_error_pct": max(abs(h["error_pct"]) for h in held),
+        "utilisation": utilisation,
+    }
+    print_report(report)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "memory-model.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, DOCS / "memory-model.png")
+
+
+def batch_utilisation(
+    cost: CostModel, workspace: int, encoder: Encoder, max_seq: int
+) -> dict[str, Any]:
+    """Plan batches from a queue of mixed lengths; how full is each, predicted and measured?"""
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate([rng.integers(8, 32, 300), rng.integers(64, max_seq + 1, 200)])
+    rng.shuffle(lengths)
+    queue = lengths.tolist()
+    policy = BatchPolicy(cost, workspace)
+    shares, measured_shares = [], []
+    meter = PeakMeter()
+    forward = synthetic_forward(encoder)
+    batches = 0
+    while queue:
+        chosen = plan_batch(queue, policy)
+        picked = [queue[i] for i in chosen]
+        b, s = len(picked), max(picked)
+        shares.append(cost.predict(b, s) / workspace)
+        if batches < 6:  # measure the first few for real
+            measured_shares.append(meter.measure(lambda b=b, s=s: forward(b, s)) / workspace)
+        batches += 1
+        keep = set(chosen)
+        queue = [x for i, x in enumerate(queue) if i not in keep]
+    return {
+        "workspace_bytes": workspace,
+        "batches": batches,
+        "texts": len(lengths),
+        "predicted_share_mean": float(np.mean(shares)),
+        "predicted_share_max": float(np.max(shares)),
+        "measured_share_max": float(np.max(measured_shares)),
+        "measured_share_mean_first_batches": float(np.mean(measured_shares)),
+    }
+
+
+def print_report(r: dict[str, Any]) -> None:
+    m = r["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}")
+    print(f"model {r['model']} at max_seq {r['max_seq']}, allocator {r['allocator']}")
+    print(
+        f"probe: {r['probe_seconds']:.2f}s ({r['probe_method']}); "
+        f"a = {r['fit']['a']:.0f} B/token, b = {r['fit']['b']:.2f} B/token^2"
+    )
+    print(
+        f"model load: {r['model_load_seconds_cold']:.2f}s cold, "
+        f"{r['model_load_seconds_warm']:.2f}s warm; cache-hit start "
+        f"({r['cache_hit_status']}): {r['cache_hit_start_seconds']:.2f}s "
+        f"(+{r['cache_hit_start_seconds'] - r['model_load_seconds_warm']:.2f}s over load)"
+    )
+    print(f"\n{'batch':>6} {'seq':>5} {'measured MiB':>13} {'predicted MiB':>14} {'error %':>8}")
+    for h in r["held_out"]:
+        print(
+            f"{h['batch']:>6} {h['seq']:>5} {h['measured'] / MIB:>13.1f} "
+            f"{h['predicted'] / MIB:>14.1f} {h['error_pct']:>8.1f}"
+        )
+    print(f"held-out max |error|: {r['held_out_max_abs_error_pct']:.1f}%")
+    u = r["utilisation"]
+    print(
+        f"\nbatches from {u['texts']} mixed texts in a {u['workspace_bytes'] / MIB:.0f} MiB "
+        f"workspace: {u['batches']} batches, predicted use {100 * u['predicted_share_mean']:.0f}% "
+        f"mean / {100 * u['predicted_share_max']:.0f}% max; measured "
+        f"{100 * u['measured_share_max']:.0f}% max"
+    )
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for points, label, marker in (
+        (r["fit_points"], "probe shapes (fit)", "o"),
+        (r["held_out"], "held-out shapes", "s"),
+    ):
+        ax.scatter(
+            [p["predicted"] / MIB for p in points],
+            [p["measured"] / MIB for p in points],
+            label=label,
+            marker=marker,
+        )
+        for p in points:
+            ax.annotate(
+                f"{p['batch']}x{p['seq']}",
+                (p["predicted"] / MIB, p["measured"] / MIB),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    top = max(max(p["measured"], p["predicted"]) for p in r["fit_points"] + r["held_out"]) / MIB
+    ax.plot([0, top * 1.05], [0, top * 1.05], "k--", linewidth=0.8, label="measured = predicted")
+    ax.set_xlabel("predicted peak above baseline (MiB)")
+    ax.set_ylabel("measured peak above baseline (MiB)")
+    ax.set_title(
+        f"{r['model']}, max_seq {r['max_seq']}: W = {r['fit']['a']:.0f}·B·S + "
+        f"{r['fit']['b']:.1f}·B·S²",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
