@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+from bge_trio.memory.cost import CostModel
+from bge_trio.scheduler.batching import BatchPolicy
 from tests.conftest import Server, running_server
 
 JSON = {"Content-Type": "application/json"}
@@ -211,3 +213,27 @@ async def test_truncation_caps_tokens(tiny_model_dir: Path, settings_for: Any) -
         assert r.json()["usage"]["prompt_tokens"] == 32
         r = await server.client.post("/v1/colbert-embeddings", json={"input": text})
         assert len(r.json()["data"][0]["embeddings"]) == 15  # every token after CLS, EOS kept
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+async def test_text_too_large_for_the_memory_budget(
+    tiny_model_dir: Path, settings_for: Any, truncate: bool
+) -> None:
+    async with running_server(settings_for(tiny_model_dir, truncate=truncate)) as server:
+        # the budget shrinks below what a 10-token text needs (a = 1 byte per token)
+        server.service.scheduler.policy = BatchPolicy(CostModel(1.0, 0.0), 10.0)
+        text = "the quick brown fox jumps over the lazy dog"
+        tokens = len(server.service.encoder.tokenize([text])[0])  # type: ignore[union-attr]
+        assert tokens > 10
+        r = await server.client.post("/v1/embeddings", json={"input": ["ok", text]})
+        if truncate:
+            assert r.status_code == 200
+            short = len(server.service.encoder.tokenize(["ok"])[0])  # type: ignore[union-attr]
+            assert r.json()["usage"]["prompt_tokens"] == short + 10
+        else:
+            assert r.status_code == 413
+            error = r.json()["error"]
+            assert error["code"] == "input_too_large_for_memory"
+            assert "input[1]" in error["message"]
+            assert f"has {tokens} tokens" in error["message"]
+            assert "has 10 tokens" in error["message"]

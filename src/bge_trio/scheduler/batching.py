@@ -33,11 +33,11 @@ class BatchPolicy:
         return self.cost.predict(batch, seq) <= self.workspace_bytes
 
     def max_single_length(self) -> int:
-        """The longest text that fits a forward pass on its own."""
-        seq = self.cost.max_seq_within(self.workspace_bytes)
-        if self.max_batch_tokens is not None:
-            seq = min(seq, self.max_batch_tokens)
-        return seq
+        """The longest text whose forward pass fits the workspace on its own.
+
+        The token cap shapes batches; it never shortens a text that fits in memory.
+        """
+        return self.cost.max_seq_within(self.workspace_bytes)
 
 
 def plan_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
