@@ -64,6 +64,7 @@ class Server:
     url: str
     client: httpx.AsyncClient
     service: EmbeddingService
+    service_app: Any
 
 
 async def wait_ready(client: httpx.AsyncClient) -> None:
@@ -91,7 +92,7 @@ async def running_server(
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             if ready:
                 await wait_ready(client)
-            yield Server(url, client, app.extensions["bge_trio"])
+            yield Server(url, client, app.extensions["bge_trio"], app)
         stop.set()
 
 

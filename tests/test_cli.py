@@ -216,3 +216,37 @@ def test_probe_command_prints_the_fit_and_writes_the_cache(
     assert re.search(r"fit: a = [\d.]+ bytes/token, b = [\d.]+ bytes/token\^2", out.stdout)
     assert "measured MiB" in out.stdout
     assert list((tmp_path / "cache").glob("probe-*.json"))
+
+
+def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"],
+        env=_env(tmp_path, BGE_TRIO_BATCH_WAIT_MS="0"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    results: list[tuple[int, float]] = []
+    text = "the quick brown fox jumps over the lazy dog " * 50
+    try:
+        url = _wait_for_url(process, lines)
+        _wait_healthy(url)
+
+        def client() -> None:
+            r = httpx.post(url + "/v1/colbert-embeddings", json={"input": [text] * 48}, timeout=120)
+            results.append((r.status_code, time.monotonic()))
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # all sent, most still queued behind one worker
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=120)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert [status for status, _ in results] == [200] * 8
+    assert max(done for _, done in results) > signalled  # some were in flight at SIGTERM

@@ -107,5 +107,5 @@ async def test_memory_too_small_fails_startup_clearly(
         assert "BGE_TRIO_MAX_SEQ_LENGTH" in health.json()["error"]
         r = await server.client.post("/v1/embeddings", json={"input": "x"})
         assert r.status_code == 503
-        assert r.json()["error"]["code"] == "startup_failed"
+        assert r.json()["error"]["code"] == "server_failed"
         assert "BGE_TRIO" not in r.text  # details stay in the log

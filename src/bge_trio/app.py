@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 from quart_trio import QuartTrio
 
 from bge_trio import logs
-from bge_trio.api import errors, routes
+from bge_trio.api import errors, hooks, routes
 from bge_trio.config import Settings
 from bge_trio.memory.plan import Planner, plan_memory
+from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.service import EmbeddingService
 
@@ -37,12 +39,15 @@ def create_app(
     root: Path = Path("/"),
     exit_on_failure: bool = True,
     planner: Planner = plan_memory,
+    load_encoder: Callable[..., Encoder] = Encoder.load,
 ) -> QuartTrio:
     """Build the app; raises ConfigError / ModelNotFoundError for a bad configuration."""
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
     source = source or resolve_model(settings.model)
-    service = EmbeddingService(settings, source, root=root, planner=planner)
+    service = EmbeddingService(
+        settings, source, root=root, planner=planner, load_encoder=load_encoder
+    )
 
     app = QuartTrio("bge_trio")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -50,6 +55,7 @@ def create_app(
     app.extensions["bge_trio"] = service
     app.register_blueprint(routes.create_blueprint(service))
     errors.register(app)
+    hooks.install(app, settings.api_key)
 
     @app.before_serving
     async def start_service() -> None:

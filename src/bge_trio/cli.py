@@ -110,10 +110,19 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     config.workers = settings.processes
     config.bind = [f"{args.host}:{args.port}"]
     config.graceful_timeout = args.graceful_timeout
+    # Longer than the 60 s idle timeout of common load balancers, so the server never
+    # closes a kept-alive connection the balancer is about to reuse.
+    config.keep_alive_timeout = 75
+    config.h11_max_incomplete_size = 64 * 1024  # request line + headers
     config.accesslog = None
     config.errorlog = "-"
     if settings.processes > 1:
+        import tempfile
+
         from hypercorn.run import run
+
+        # Every worker process writes its metrics here; a scrape of any one adds them up.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="bge-trio-"))
 
         return run(config) or 0
     # One process: serve in this process, so signals and exit codes are ours.

@@ -50,6 +50,12 @@ class Settings:
     batch_wait_ms: float = 2.0
     max_batch_tokens: int | None = None
     max_score_pairs: int = 10_000
+    max_queue_items: int = 4096
+    max_queue_tokens: int = 1 << 20
+    request_timeout_s: float = 60.0
+    failure_threshold: int = 3
+    max_input_chars: int = 200_000
+    api_key: str | None = attrs.field(default=None, repr=False)
     log_level: str = "INFO"
 
     @classmethod
@@ -85,22 +91,16 @@ class Settings:
             batch_wait_ms=r.get("BATCH_WAIT_MS", _float(0.0, 1000.0), 2.0),
             max_batch_tokens=r.get("MAX_BATCH_TOKENS", _int(8, 1 << 31), None),
             max_score_pairs=r.get("MAX_SCORE_PAIRS", _int(1, 10_000_000), 10_000),
+            max_queue_items=r.get("MAX_QUEUE_ITEMS", _int(1, 10_000_000), 4096),
+            max_queue_tokens=r.get("MAX_QUEUE_TOKENS", _int(1, 1 << 40), 1 << 20),
+            request_timeout_s=r.get("REQUEST_TIMEOUT_S", _float(0.001, 86400.0), 60.0),
+            failure_threshold=r.get("FAILURE_THRESHOLD", _int(1, 1_000_000), 3),
+            max_input_chars=r.get("MAX_INPUT_CHARS", _int(1, 1 << 31), 200_000),
+            api_key=r.get("API_KEY", _nonempty, None),
             log_level=r.get(
                 "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True), "INFO"
             ),
         )
-
-    def to_env(self) -> dict[str, str]:
-        """The environment that reproduces these settings (used to hand them to workers)."""
-        env: dict[str, str] = {}
-        for field in attrs.fields(Settings):
-            value = getattr(self, field.name)
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            env[PREFIX + field.name.upper()] = str(value)
-        return env
 
 
 def _default_cache_dir(env: Mapping[str, str]) -> Path:

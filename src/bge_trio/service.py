@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from bge_trio import metrics
 from bge_trio.config import Settings
 from bge_trio.errors import ApiError, invalid, unavailable
 from bge_trio.memory.allocator import configure_allocator
@@ -51,7 +52,12 @@ from bge_trio.model.encoder import (
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.gate import Gate
-from bge_trio.scheduler.scheduler import BatchFailedError, Scheduler, unlimited_policy
+from bge_trio.scheduler.scheduler import (
+    BatchFailedError,
+    QueueFullError,
+    Scheduler,
+    unlimited_policy,
+)
 from bge_trio.scoring import MODES, Weights, combine, score_matrix
 
 log = logging.getLogger(__name__)
@@ -89,23 +95,29 @@ class EmbeddingService:
         *,
         root: Path = Path("/"),
         planner: Planner = plan_memory,
+        load_encoder: Callable[..., Encoder] = Encoder.load,
     ) -> None:
         self.settings = settings
         self.source = source
         self.root = root  # where /proc and /sys are read (tests use a fake tree)
         self._planner = planner
+        self._load_encoder = load_encoder
         self.gate = Gate(settings.workers)
         self.scheduler = Scheduler(
             self._forward,
             self.gate,
             unlimited_policy(),
             batch_wait_s=settings.batch_wait_ms / 1000,
+            max_queue_items=settings.max_queue_items,
+            max_queue_tokens=settings.max_queue_tokens,
+            observer=metrics.SchedulerMetrics(),
         )
         self.status: Status = "loading"
         self.encoder: Encoder | None = None
         self.memory: MemoryPlan | None = None
         self.error: str | None = None
         self.failed = trio.Event()  # set when startup fails for good
+        self._loaded_or_failed = trio.Event()
         self.started_at = time.time()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -113,9 +125,22 @@ class EmbeddingService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the scheduler and the startup sequence until cancelled."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.scheduler.run)
+            await nursery.start(self._supervise_scheduler)
             task_status.started()
             await self.start()
+
+    async def _supervise_scheduler(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """A crashed scheduler would leave every request waiting forever: fail loudly instead."""
+        try:
+            await self.scheduler.run(task_status=task_status)
+        except Exception as exc:
+            log.critical("the scheduler crashed; the server cannot serve", exc_info=exc)
+            self.status = "error"
+            self.error = "the scheduler crashed"
+            self.scheduler.fail_all(exc)
+            self.failed.set()
 
     async def start(self) -> None:
         """Load the model, plan memory, check readiness, then open the gate (always)."""
@@ -123,6 +148,7 @@ class EmbeddingService:
             configure_allocator(self.settings.allocator)
             threads = max(1, cpu_count() // self.settings.workers)
             self.encoder = await trio.to_thread.run_sync(self._load, threads)
+            self._loaded_or_failed.set()
             self.status = "probing"
             self.memory = await trio.to_thread.run_sync(self._plan_memory)
             self.scheduler.policy = BatchPolicy(
@@ -131,6 +157,7 @@ class EmbeddingService:
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
             await trio.to_thread.run_sync(self._readiness_check)
+            self._publish_memory_metrics(self.memory)
             self.status = "ok"
             log.info(
                 "ready: model %s, probe %s, a=%.0f b=%.2f, budget %d bytes per forward",
@@ -144,14 +171,16 @@ class EmbeddingService:
             self.status = "error"
             self.error = str(exc) or type(exc).__name__
             log.critical("startup failed: %s", self.error, exc_info=not _expected(exc))
+            self.scheduler.fail_all(exc)  # texts queued during startup get their answer now
             self.failed.set()
+            self._loaded_or_failed.set()
         finally:
             # Never leave the gate closed: waiting requests must get an answer.
             self.gate.open()
 
     def _load(self, threads: int) -> Encoder:
         started = time.perf_counter()
-        encoder = Encoder.load(
+        encoder = self._load_encoder(
             self.source,
             name=self.settings.model_name,
             max_seq_length=self.settings.max_seq_length,
@@ -211,6 +240,15 @@ class EmbeddingService:
         check_fits(plan, encoder.info.max_seq_length)
         return plan
 
+    @staticmethod
+    def _publish_memory_metrics(plan: MemoryPlan) -> None:
+        for status in ("running", "complete", "failed", "cache_hit", "disabled"):
+            metrics.PROBE_STATUS.labels(status).set(1 if status == plan.status else 0)
+        metrics.COST_A.set(plan.cost.a)
+        metrics.COST_B.set(plan.cost.b)
+        metrics.MEMORY_LIMIT.set(plan.budget.limit.bytes)
+        metrics.FORWARD_BUDGET.set(plan.budget.workspace_bytes)
+
     def _readiness_check(self) -> None:
         encoder = self._require_encoder()
         (result,) = encoder.forward(encoder.tokenize(["readiness check"]), encoder.info.outputs)
@@ -237,19 +275,54 @@ class EmbeddingService:
         return list(self._require_encoder().tokenizer.convert_ids_to_tokens(list(ids)))
 
     async def ready(self) -> Encoder:
-        """Wait (up to the startup wait) for the gate to open; 503 if it does not."""
-        if not self.gate.is_open:
-            await self.gate.wait_open(self.settings.startup_wait_s)
+        """Wait (up to the startup wait) for the model to be loaded; 503 if it is not.
+
+        The model is needed to validate and tokenise a request. Its forward passes may
+        still wait at the closed gate while the probe runs (see ``_submit``).
+        """
+        if self.encoder is None and self.status != "error":
+            with trio.move_on_after(self.settings.startup_wait_s):
+                await self._loaded_or_failed.wait()
         if self.status == "error":
-            raise ApiError(
-                503,
-                "the server failed to start; see its log",
-                type="server_error",
-                code="startup_failed",
-            )
-        if not self.gate.is_open or self.encoder is None:
+            raise _server_failed()
+        if self.encoder is None:
             raise unavailable(f"the model is still {self.status}; retry shortly", retry_after_s=5)
         return self.encoder
+
+    async def _submit(
+        self, ids: list[list[int]], outputs: frozenset[Output], arrived: float
+    ) -> list[Embedding]:
+        """Queue the texts; while the gate is still closed, give up at the startup wait."""
+        if self.gate.is_open:
+            return await self.scheduler.submit(ids, outputs)
+        results: list[Embedding] | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def give_up_if_still_closed() -> None:
+                    remaining = arrived + self.settings.startup_wait_s - trio.current_time()
+                    if not await self.gate.wait_open(remaining):
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(give_up_if_still_closed)
+                results = await self.scheduler.submit(ids, outputs)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # only submit can fail here; surface its error as itself
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if results is None:
+            raise unavailable(f"the server is still {self.status}; retry shortly", retry_after_s=5)
+        return results
+
+    @property
+    def healthy(self) -> bool:
+        """Ready, and the last forward passes did not all fail."""
+        return (
+            self.status == "ok"
+            and self.scheduler.consecutive_failures < self.settings.failure_threshold
+        )
 
     async def embed(
         self,
@@ -258,6 +331,7 @@ class EmbeddingService:
         outputs: frozenset[Output],
     ) -> Embedded:
         """Embed a request's inputs (texts or token id lists) in input order."""
+        arrived = trio.current_time()
         encoder = await self.ready()
         missing = outputs - encoder.info.outputs
         if missing:
@@ -273,9 +347,19 @@ class EmbeddingService:
             ids = self._check_token_ids(encoder, token_ids or [])
         ids = self._fit_lengths(encoder, ids)
         try:
-            results = await self.scheduler.submit(ids, outputs)
+            results = await self._submit(ids, outputs, arrived)
         except BatchFailedError:
+            if self.status == "error":
+                raise _server_failed() from None
             raise ApiError(500, "internal server error", type="server_error") from None
+        except QueueFullError:
+            raise ApiError(
+                429,
+                "the server is at capacity; retry after a short wait",
+                type="rate_limit_exceeded",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
         return Embedded(results, ids)
 
     async def score(
@@ -354,12 +438,29 @@ class EmbeddingService:
         return fitted
 
     def health(self) -> dict[str, object]:
-        body: dict[str, object] = {"status": self.status}
+        status: str = self.status
+        if status == "ok" and not self.healthy:
+            status = "unhealthy"
+        body: dict[str, object] = {"status": status}
+        if self.status == "ok":
+            body["consecutive_failures"] = self.scheduler.consecutive_failures
+            body["queued_items"] = self.scheduler.queued_items
+            body["queued_tokens"] = self.scheduler.queued_tokens
         if self.error:
             body["error"] = self.error
         if self.memory is not None:
             body.update(self.memory.report())
         return body
+
+
+def _server_failed() -> ApiError:
+    """Startup failed for good, or the scheduler crashed: the process is about to exit."""
+    return ApiError(
+        503,
+        "the server has failed and is shutting down; see its log",
+        type="server_error",
+        code="server_failed",
+    )
 
 
 def _expected(exc: Exception) -> bool:

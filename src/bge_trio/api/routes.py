@@ -7,17 +7,20 @@ threads inside the service; building the response is a few numpy operations.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
-from quart import Blueprint, Response, request
+import trio
+from quart import Blueprint, Response, g, request
 
-from bge_trio import __version__
-from bge_trio.api import schemas
+from bge_trio import __version__, metrics
+from bge_trio.api import openapi, schemas
 from bge_trio.api.encoding import encode_matrix, encode_vector, shorten, sparse_values
 from bge_trio.api.errors import json_response
-from bge_trio.errors import invalid
+from bge_trio.errors import ApiError, invalid
+from bge_trio.memory.probe import resident_bytes
 from bge_trio.model.encoder import Embedding, Output
 from bge_trio.service import Embedded, EmbeddingService
 
@@ -25,6 +28,7 @@ DENSE: frozenset[Output] = frozenset({"dense"})
 SPARSE: frozenset[Output] = frozenset({"sparse"})
 BOTH: frozenset[Output] = frozenset({"dense", "sparse"})
 COLBERT: frozenset[Output] = frozenset({"colbert"})
+T = TypeVar("T")
 SCORE_NAMES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 
 
@@ -39,8 +43,26 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
 
     async def embed(payload: dict[str, Any], outputs: frozenset[Output]) -> Embedded:
         schemas.check_model(payload)
-        inputs = schemas.parse_inputs(payload.get("input"), max_items=service.settings.max_batch)
-        return await service.embed(inputs.texts, inputs.token_ids, outputs)
+        inputs = schemas.parse_inputs(
+            payload.get("input"),
+            max_items=service.settings.max_batch,
+            max_chars=service.settings.max_input_chars,
+        )
+        embedded = await within_deadline(service.embed, inputs.texts, inputs.token_ids, outputs)
+        note_usage(len(inputs), embedded.prompt_tokens)
+        return embedded
+
+    async def within_deadline(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``fn`` under the request deadline; past it, queued texts are dropped (504)."""
+        limit = service.settings.request_timeout_s
+        with trio.move_on_after(limit):
+            return await fn(*args)
+        raise ApiError(
+            504,
+            f"the request did not finish within {limit:g} s; retry, or send fewer texts",
+            type="timeout_error",
+            code="request_timeout",
+        )
 
     def envelope(data: list[dict[str, Any]], embedded: Embedded) -> dict[str, Any]:
         tokens = embedded.prompt_tokens
@@ -124,9 +146,13 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         schemas.check_model(payload)
         settings = service.settings
         req = schemas.parse_score_request(
-            payload, max_items=settings.max_batch, max_pairs=settings.max_score_pairs
+            payload,
+            max_items=settings.max_batch,
+            max_pairs=settings.max_score_pairs,
+            max_chars=settings.max_input_chars,
         )
-        scored = await service.score(req.queries, req.documents, req.weights)
+        scored = await within_deadline(service.score, req.queries, req.documents, req.weights)
+        note_usage(len(req.queries) + len(req.documents), scored.prompt_tokens)
         names = [name for name in SCORE_NAMES if name in scored.scores]
         data = []
         for qi, query in enumerate(req.queries):
@@ -158,7 +184,10 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
     async def tokenize() -> Response:
         payload = await body()
         inputs = schemas.parse_inputs(
-            payload.get("inputs"), max_items=service.settings.max_batch, param="inputs"
+            payload.get("inputs"),
+            max_items=service.settings.max_batch,
+            max_chars=service.settings.max_input_chars,
+            param="inputs",
         )
         if inputs.texts is None:
             raise invalid(
@@ -200,8 +229,18 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
 
     @api.get("/health")
     async def health() -> Response:
-        status = 200 if service.status == "ok" else 503
+        status = 200 if service.healthy else 503
         return json_response(service.health(), status)
+
+    @api.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.RESIDENT.set(resident_bytes())
+        body, content_type = metrics.render()
+        return Response(body, content_type=content_type)
+
+    @api.get("/openapi.json")
+    async def openapi_document() -> Response:
+        return json_response(openapi.document())
 
     @api.get("/live")
     async def live() -> Response:
@@ -234,6 +273,12 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         return json_response(body)
 
     return api
+
+
+def note_usage(inputs: int, tokens: int) -> None:
+    """Record what the request carried, for its log line."""
+    g.inputs = inputs
+    g.tokens = tokens
 
 
 def _dense(value: Any) -> Any:

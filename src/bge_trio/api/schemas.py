@@ -51,8 +51,28 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_inputs(value: object, *, max_items: int, param: str = "input") -> Inputs:
+def parse_inputs(
+    value: object, *, max_items: int, max_chars: int | None = None, param: str = "input"
+) -> Inputs:
     """OpenAI's ``input``: a string, strings, a token id list, or token id lists."""
+    inputs = _parse_inputs(value, max_items=max_items, param=param)
+    if max_chars is not None and inputs.texts is not None:
+        _check_chars(inputs.texts, max_chars, param)
+    return inputs
+
+
+def _check_chars(texts: list[str], max_chars: int, param: str) -> None:
+    for index, text in enumerate(texts):
+        if len(text) > max_chars:
+            raise invalid(
+                f"'{param}[{index}]' has {len(text)} characters; at most {max_chars} are "
+                "allowed (BGE_TRIO_MAX_INPUT_CHARS)",
+                param=param,
+                code="input_too_long",
+            )
+
+
+def _parse_inputs(value: object, *, max_items: int, param: str) -> Inputs:
     if value is None:
         raise invalid(f"'{param}' is required", param=param, code="missing_input")
     if isinstance(value, str):
@@ -168,9 +188,14 @@ def _strings(value: object, name: str, max_items: int) -> list[str]:
     return list(value)
 
 
-def parse_score_request(body: dict[str, Any], *, max_items: int, max_pairs: int) -> ScoreRequest:
+def parse_score_request(
+    body: dict[str, Any], *, max_items: int, max_pairs: int, max_chars: int | None = None
+) -> ScoreRequest:
     queries = _strings(body.get("queries"), "queries", max_items)
     documents = _strings(body.get("documents"), "documents", max_items)
+    if max_chars is not None:
+        _check_chars(queries, max_chars, "queries")
+        _check_chars(documents, max_chars, "documents")
     if isinstance(body.get("documents"), str):
         raise invalid(
             "'documents' must be a list of strings", param="documents", code="invalid_input"

@@ -13,6 +13,7 @@ unscaled system is badly conditioned.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import attrs
@@ -43,6 +44,8 @@ class CostModel:
         """The longest single text (B = 1) whose forward pass fits ``budget``."""
         if budget <= 0:
             return 0
+        if math.isinf(budget):
+            return sys.maxsize
         if self.b == 0:
             return int(budget // self.a)
         # b*S^2 + a*S - budget = 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import trio
 
@@ -35,8 +36,33 @@ log = logging.getLogger(__name__)
 Runner = Callable[[Sequence[Sequence[int]], frozenset[Output]], list[Embedding]]
 
 
+class Observer(Protocol):
+    """Receives what the scheduler does, for metrics."""
+
+    def batch_started(self, items: int, padded_tokens: int, waits_s: list[float]) -> None: ...
+
+    def batch_finished(self, seconds: float, ok: bool) -> None: ...
+
+    def queue_changed(self, items: int, tokens: int) -> None: ...
+
+
+class _Unobserved:
+    def batch_started(self, items: int, padded_tokens: int, waits_s: list[float]) -> None:
+        pass
+
+    def batch_finished(self, seconds: float, ok: bool) -> None:
+        pass
+
+    def queue_changed(self, items: int, tokens: int) -> None:
+        pass
+
+
 class BatchFailedError(RuntimeError):
     """The forward pass of a batch raised; the cause is logged, not shown to clients."""
+
+
+class QueueFullError(RuntimeError):
+    """Admitting the request would take the queue past its bound (a 429 for the client)."""
 
 
 class Scheduler:
@@ -47,17 +73,25 @@ class Scheduler:
         policy: BatchPolicy,
         *,
         batch_wait_s: float = 0.002,
-        queue_capacity: int = 4096,
-        on_batch: Callable[[int, int], None] | None = None,
+        max_queue_items: int = 4096,
+        max_queue_tokens: int = 1 << 20,
+        observer: Observer | None = None,
     ) -> None:
         self._runner = runner
         self._gate = gate
         self.policy = policy  # replaced once the memory model is known
         self._batch_wait_s = batch_wait_s
-        self._send, self._receive = trio.open_memory_channel[WorkItem](queue_capacity)
+        self.max_queue_items = max_queue_items
+        self.max_queue_tokens = max_queue_tokens
+        # Admission control bounds what is queued, so the channel itself never has to
+        # push back; its capacity only needs to exceed the largest admissible queue.
+        self._send, self._receive = trio.open_memory_channel[WorkItem](max_queue_items + 100_000)
         self._pending: list[WorkItem] = []  # oldest first
-        self._on_batch = on_batch
+        self._observer: Observer = observer or _Unobserved()
+        self.queued_items = 0  # admitted texts not yet in a forward pass (or dropped)
+        self.queued_tokens = 0
         self.forwarded_items = 0  # texts that reached the model, for observability
+        self.consecutive_failures = 0
 
     async def submit(
         self, token_lists: Sequence[Sequence[int]], outputs: frozenset[Output]
@@ -67,22 +101,49 @@ class Scheduler:
         If the caller is cancelled, the request's texts that have not started yet are
         dropped. A failed forward pass raises BatchFailedError.
         """
+        self._admit(token_lists)
         ticket = Ticket(outputs, len(token_lists))
+        sent = 0
         try:
             now = trio.current_time()
             for index, ids in enumerate(token_lists):
                 await self._send.send(WorkItem(ticket, index, ids, now))
+                sent += 1
             await ticket.done.wait()
         except BaseException:
             ticket.cancelled = True
+            unsent = token_lists[sent:]  # admitted but never queued
+            self.queued_items -= len(unsent)
+            self.queued_tokens -= sum(len(ids) for ids in unsent)
+            self._observer.queue_changed(self.queued_items, self.queued_tokens)
             raise
         if ticket.error is not None:
             raise BatchFailedError("forward pass failed") from ticket.error
         return [r for r in ticket.results if r is not None]
 
-    @property
-    def queued_items(self) -> int:
-        return len(self._pending) + self._receive.statistics().current_buffer_used
+    def _admit(self, token_lists: Sequence[Sequence[int]]) -> None:
+        """All or nothing: a request is queued whole, or refused whole.
+
+        An empty queue admits any request, so one larger than the bounds still runs
+        when the server is otherwise idle.
+        """
+        items = len(token_lists)
+        tokens = sum(len(ids) for ids in token_lists)
+        if self.queued_items and (
+            self.queued_items + items > self.max_queue_items
+            or self.queued_tokens + tokens > self.max_queue_tokens
+        ):
+            raise QueueFullError(
+                f"{self.queued_items} texts ({self.queued_tokens} tokens) are already queued"
+            )
+        self.queued_items += items
+        self.queued_tokens += tokens
+        self._observer.queue_changed(self.queued_items, self.queued_tokens)
+
+    def _dequeue(self, items: Sequence[WorkItem]) -> None:
+        self.queued_items -= len(items)
+        self.queued_tokens -= sum(item.length for item in items)
+        self._observer.queue_changed(self.queued_items, self.queued_tokens)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The scheduler loop; runs until cancelled."""
@@ -104,6 +165,14 @@ class Scheduler:
                     continue
                 nursery.start_soon(self._run_batch, batch, borrower)
 
+    def fail_all(self, error: BaseException) -> None:
+        """Answer every queued text with ``error`` (used when the scheduler cannot go on)."""
+        self._drain()
+        for item in self._pending:
+            item.ticket.fail(error)
+        self._dequeue(self._pending)
+        self._pending = []
+
     def _drain(self) -> None:
         while True:
             try:
@@ -124,29 +193,41 @@ class Scheduler:
 
     def _take_batch(self) -> list[WorkItem]:
         self._drain()
-        self._pending = [item for item in self._pending if not item.abandoned]
+        dropped = [item for item in self._pending if item.abandoned]
+        if dropped:
+            self._dequeue(dropped)
+            self._pending = [item for item in self._pending if not item.abandoned]
         if not self._pending:
             return []
         chosen = plan_batch([item.length for item in self._pending], self.policy)
         picked = set(chosen)
         batch = [self._pending[i] for i in sorted(chosen)]
         self._pending = [item for i, item in enumerate(self._pending) if i not in picked]
+        self._dequeue(batch)
         return batch
 
     async def _run_batch(self, batch: list[WorkItem], borrower: object) -> None:
+        started = trio.current_time()
         try:
             outputs: frozenset[Output] = frozenset().union(*(i.ticket.outputs for i in batch))
             self.forwarded_items += len(batch)
-            if self._on_batch is not None:
-                self._on_batch(len(batch), max(item.length for item in batch))
+            self._observer.batch_started(
+                len(batch),
+                len(batch) * max(item.length for item in batch),
+                [started - item.enqueued_at for item in batch],
+            )
             results = await trio.to_thread.run_sync(
                 self._runner, [item.token_ids for item in batch], outputs
             )
         except Exception as exc:
+            self._observer.batch_finished(trio.current_time() - started, ok=False)
+            self.consecutive_failures += 1
             log.exception("forward pass of %d texts failed", len(batch))
             for item in batch:
                 item.ticket.fail(exc)
         else:
+            self._observer.batch_finished(trio.current_time() - started, ok=True)
+            self.consecutive_failures = 0
             for item, result in zip(batch, results, strict=True):
                 item.ticket.deliver(item.index, result)
         finally:

@@ -1,0 +1,339 @@
+"""Overload, deadlines, disconnects, faults, the API key, request ids, metrics and OpenAPI."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from bge_trio.config import Settings
+from bge_trio.memory.budget import Budget
+from bge_trio.memory.cost import CostModel
+from bge_trio.memory.plan import MemoryPlan
+from bge_trio.memory.probe import Progress
+from bge_trio.model.encoder import Embedding, Encoder, Output
+from bge_trio.model.source import ModelSource
+from tests.conftest import Server, running_server, wait_ready
+
+MARKER = 77  # a token id the faulty model refuses
+
+
+class HeldProbe:
+    """Keeps the gate closed until released, so a queue can be built deterministically."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(
+        self, encoder: Encoder, settings: Settings, budget: Budget, *, progress: Progress | None
+    ) -> MemoryPlan:
+        self.started.set()
+        self.release.wait(timeout=60)
+        return MemoryPlan("complete", CostModel(20_000.0, 4.0), budget)
+
+
+async def _started(probe: HeldProbe) -> None:
+    assert await trio.to_thread.run_sync(probe.started.wait, 30)
+
+
+async def test_overload_is_429_with_retry_after_and_no_5xx(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    probe = HeldProbe()
+    settings = settings_for(tiny_model_dir, max_queue_items=8, startup_wait_s=60)
+    async with running_server(settings, ready=False, planner=probe) as server:
+        await _started(probe)
+        statuses: list[int] = []
+        retry_after: list[str] = []
+
+        async def client(texts: list[str]) -> None:
+            r = await server.client.post("/v1/embeddings", json={"input": texts})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                retry_after.append(r.headers["retry-after"])
+                assert r.json()["error"]["code"] == "queue_full"
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):  # 8 texts: the queue is full
+                nursery.start_soon(client, ["four texts"] * 4)
+            with trio.fail_after(30):
+                while server.service.scheduler.queued_items < 8:  # noqa: ASYNC110 - a counter
+                    await trio.sleep(0.01)
+            await client(["one more text"])  # a single text is refused like a batch
+            await client(["a"] * 3)
+            probe.release.set()
+        assert sorted(statuses) == [200, 200, 429, 429]
+        assert all(value.isdigit() for value in retry_after)
+        await wait_ready(server.client)
+        # an idle server admits even a request larger than the queue bound
+        r = await server.client.post("/v1/embeddings", json={"input": ["x"] * 20})
+        assert r.status_code == 200
+
+
+async def test_flood_sheds_load_without_errors(tiny_model_dir: Path, settings_for: Any) -> None:
+    settings = settings_for(tiny_model_dir, max_queue_items=16)
+    async with running_server(settings) as server:
+        statuses: list[int] = []
+        text = "the quick brown fox jumps over the lazy dog " * 10
+
+        async def client() -> None:
+            for _ in range(4):
+                r = await server.client.post("/v1/embeddings", json={"input": [text] * 8})
+                statuses.append(r.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(client)
+        assert set(statuses) <= {200, 429}
+        assert 200 in statuses
+        assert 429 in statuses
+        assert (await server.client.get("/health")).status_code == 200
+        assert server.service.scheduler.queued_items == 0
+
+
+async def test_deadline_passes_and_texts_never_reach_the_model(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    probe = HeldProbe()
+    settings = settings_for(tiny_model_dir, request_timeout_s=0.3, startup_wait_s=60)
+    async with running_server(settings, ready=False, planner=probe) as server:
+        await _started(probe)
+        r = await server.client.post("/v1/embeddings", json={"input": ["late"] * 3})
+        assert r.status_code == 504
+        assert r.json()["error"]["code"] == "request_timeout"
+        probe.release.set()
+        await wait_ready(server.client)
+        r = await server.client.post("/v1/embeddings", json={"input": "marker"})
+        assert r.status_code == 200
+        assert server.service.scheduler.forwarded_items == 1
+
+
+async def test_disconnected_client_texts_are_dropped(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    probe = HeldProbe()
+    settings = settings_for(tiny_model_dir, startup_wait_s=60)
+    async with running_server(settings, ready=False, planner=probe) as server:
+        await _started(probe)
+        async with httpx.AsyncClient(base_url=server.url, timeout=0.3) as impatient:
+            with pytest.raises(httpx.TimeoutException):
+                await impatient.post("/v1/embeddings", json={"input": ["gone"] * 5})
+        await trio.sleep(0.2)  # the server notices the closed connection
+        probe.release.set()
+        await wait_ready(server.client)
+        r = await server.client.post("/v1/embeddings", json={"input": "marker"})
+        assert r.status_code == 200
+        assert server.service.scheduler.forwarded_items == 1
+
+
+class FaultyEncoder(Encoder):
+    """The real tiny model, except that its forward pass raises on a marked token."""
+
+    def forward(
+        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output] = frozenset({"dense"})
+    ) -> list[Embedding]:
+        if any(MARKER in ids for ids in batch):
+            raise RuntimeError("/secret/path tensor of shape (3, 7) exploded")
+        return super().forward(batch, outputs)
+
+
+def load_faulty(source: ModelSource, **kwargs: Any) -> Encoder:
+    real = Encoder.load(source, **kwargs)
+    return FaultyEncoder(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
+
+
+async def test_faults_fail_their_batch_flip_health_and_recover(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    settings = settings_for(tiny_model_dir, failure_threshold=2)
+    async with running_server(settings, load_encoder=load_faulty) as server:
+        client = server.client
+        bad = {"input": [[0, MARKER, 2]]}
+        r = await client.post("/v1/embeddings", json=bad)
+        assert r.status_code == 500
+        assert r.json()["error"] == {
+            "message": "internal server error",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        assert "secret" not in r.text
+        assert (await client.get("/health")).status_code == 200  # one failure: still healthy
+        assert (await client.post("/v1/embeddings", json=bad)).status_code == 500
+        health = await client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "unhealthy"
+        assert (await client.post("/v1/embeddings", json={"input": "fine"})).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+
+
+class ExplodingPolicy:
+    """A batch policy that breaks the scheduler itself."""
+
+    def fits(self, batch: int, seq: int) -> bool:
+        raise RuntimeError("planner bug")
+
+    def max_single_length(self) -> int:
+        return 10_000
+
+
+async def test_a_crashed_scheduler_answers_and_reports(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    async with running_server(settings_for(tiny_model_dir)) as server:
+        server.service.scheduler.policy = ExplodingPolicy()  # type: ignore[assignment]
+        r = await server.client.post("/v1/embeddings", json={"input": ["a", "b"]})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "server_failed"
+        assert server.service.failed.is_set()
+        health = await server.client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "error"
+
+
+async def test_api_key(tiny_model_dir: Path, settings_for: Any) -> None:
+    async with running_server(settings_for(tiny_model_dir, api_key="s3cret")) as server:
+        client = server.client
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = await client.post("/v1/embeddings", json={"input": "a"}, headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        ok = await client.post(
+            "/v1/embeddings", json={"input": "a"}, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/live")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/v1/models")).status_code == 401
+
+
+async def test_request_id_is_echoed_or_made(tiny_server: Server) -> None:
+    r = await tiny_server.client.post(
+        "/v1/embeddings", json={"input": "a"}, headers={"x-request-id": "abc-123"}
+    )
+    assert r.headers["x-request-id"] == "abc-123"
+    r = await tiny_server.client.post("/v1/embeddings", json={"input": "a"})
+    assert len(r.headers["x-request-id"]) == 32
+    r = await tiny_server.client.get("/nowhere")
+    assert r.headers["x-request-id"]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_metrics_parse_and_move(tiny_server: Server) -> None:
+    client = tiny_server.client
+    key = ("bge_trio_requests_total", (("route", "/v1/embeddings"), ("status", "200")))
+    before = _samples((await client.get("/metrics")).text)
+    for _ in range(3):
+        await client.post("/v1/embeddings", json={"input": ["a", "bb"]})
+    await client.post("/v1/embeddings", json={"input": []})
+    after = _samples((await client.get("/metrics")).text)
+    assert after[key] - before.get(key, 0.0) == 3
+    bad = ("bge_trio_requests_total", (("route", "/v1/embeddings"), ("status", "400")))
+    assert after[bad] - before.get(bad, 0.0) == 1
+    assert after[("bge_trio_batch_size_count", ())] > before.get(
+        ("bge_trio_batch_size_count", ()), 0
+    )
+    assert after[("bge_trio_cost_a_bytes_per_token", ())] == 16384.0
+    assert after[("bge_trio_probe_status", (("status", "disabled"),))] == 1.0
+    assert after[("bge_trio_process_resident_bytes", ())] > 0
+    assert ("bge_trio_queued_items", ()) in after
+
+
+async def test_openapi_document_matches_the_routes(tiny_server: Server) -> None:
+    from bge_trio.api.openapi import document
+
+    doc = (await tiny_server.client.get("/openapi.json")).json()
+    assert doc == document()
+    assert doc["openapi"].startswith("3.1")
+    app_routes = {
+        rule.rule
+        for rule in tiny_server.service_app.url_map.iter_rules()
+        if rule.endpoint != "static"
+    }
+    assert set(doc["paths"]) == app_routes
+
+
+async def test_input_chars_limit(tiny_model_dir: Path, settings_for: Any) -> None:
+    async with running_server(settings_for(tiny_model_dir, max_input_chars=50)) as server:
+        r = await server.client.post("/v1/embeddings", json={"input": ["ok", "x" * 51]})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "input_too_long"
+        assert "input[1]" in r.json()["error"]["message"]
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+FIELDS = st.sampled_from(
+    [
+        "input",
+        "encoding_format",
+        "dimensions",
+        "model",
+        "queries",
+        "documents",
+        "weights",
+        "top_n",
+        "inputs",
+        "ids",
+        "return_tokens",
+        "add_special_tokens",
+        "skip_special_tokens",
+    ]
+)
+ROUTES = [
+    "/v1/embeddings",
+    "/v1/sparse-embeddings",
+    "/v1/embeddings:both",
+    "/v1/colbert-embeddings",
+    "/v1/score",
+    "/tokenize",
+    "/decode",
+]
+
+
+async def test_fuzzed_bodies_never_5xx(tiny_model_dir: Path, settings_for: Any) -> None:
+    async with running_server(settings_for(tiny_model_dir)) as server:
+        seen: list[tuple[str, Any]] = []
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(
+            route=st.sampled_from(ROUTES),
+            body=st.one_of(JSON, st.dictionaries(FIELDS, JSON, max_size=4)),
+        )
+        def collect(route: str, body: Any) -> None:
+            seen.append((route, body))
+
+        collect()
+        for route, body in seen:
+            r = await server.client.post(route, json=body)
+            assert r.status_code < 500, (route, body, r.text)
+            assert r.headers["content-type"] == "application/json"
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert (await server.client.get("/health")).status_code == 200

@@ -1,0 +1,103 @@
+"""The server inside a real memory cgroup, hammered with long texts, is never OOM-killed."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_cli import _env, _wait_for_url, _wait_healthy
+
+V1 = Path("/sys/fs/cgroup/memory")
+LIMIT = 1024 << 20
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a memory cgroup")
+    if not (V1 / "memory.limit_in_bytes").is_file():
+        pytest.skip("no writable cgroup v1 memory controller on this machine")
+    group = V1 / f"bge-trio-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(LIMIT))
+    except OSError as exc:
+        pytest.skip(f"cannot create a memory cgroup here: {exc}")
+    try:
+        yield group
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
+
+
+def test_hammered_with_max_length_batches_inside_a_memory_limit(
+    memory_cgroup: Path, tmp_path: Path
+) -> None:
+    server = [sys.executable, "-m", "bge_trio.cli", "serve", "--model", "bundled", "--port", "0"]
+    command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
+    process = subprocess.Popen(
+        ["sh", "-c", command],
+        env=_env(
+            tmp_path,
+            BGE_TRIO_PROBE="auto",
+            BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
+            BGE_TRIO_MAX_QUEUE_ITEMS="512",
+        ),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    statuses: list[int] = []
+    try:
+        url = _wait_for_url(process, lines)
+        _wait_healthy(url)
+        health = httpx.get(url + "/health").json()
+        assert health["memory_limit_bytes"] == LIMIT
+        assert health["memory_limit_source"].startswith("cgroup1:")
+        text = "memory safety under a hard limit " * 80  # past the 256-token maximum
+
+        def client() -> None:
+            with httpx.Client(base_url=url, timeout=300) as http:
+                for _ in range(2):
+                    r = http.post("/v1/embeddings", json={"input": [text] * 64})
+                    statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert process.poll() is None, "the server died:\n" + "".join(lines[-20:])
+        assert httpx.get(url + "/health").status_code == 200
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    oom = dict(
+        line.split() for line in (memory_cgroup / "memory.oom_control").read_text().splitlines()
+    )
+    assert oom.get("oom_kill", "0") == "0"
+    assert len(statuses) == 16
+    assert set(statuses) <= {200, 413, 429}
+    assert 200 in statuses
+    peak = int((memory_cgroup / "memory.max_usage_in_bytes").read_text())
+    assert peak <= LIMIT
