@@ -40,7 +40,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, the tests and this file."""
-    _install(session, "test")
+    _install(session, "test,bench")
     session.install("mypy>=1.10", "nox")
     session.run("mypy")
 
@@ -64,6 +64,11 @@ def serve(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (never part of the tests): memory model accuracy and startup."""
+    """Benchmarks (never part of the tests): the memory model, then load and dtypes.
+
+    ``nox -s bench -- memory`` or ``nox -s bench -- load`` runs one of them.
+    """
     _install(session, "test,bench")
-    session.run("python", "-m", "benchmarks.memory", *session.posargs)
+    which = session.posargs or ["memory", "load"]
+    for name in which:
+        session.run("python", "-m", f"benchmarks.{name}")

@@ -13,6 +13,7 @@ import json
 import platform
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def main() -> None:
     held: list[dict[str, Any]] = []
     for b, s in held_out_shapes(args.max_seq):
         forward(b, s)
-        measured = max(meter.measure(lambda b=b, s=s: forward(b, s)) for _ in range(3))
+        measured = max(meter.measure(partial(forward, b, s)) for _ in range(3))
         predicted = cost.predict(b, s)
         held.append(
             {
@@ -174,7 +175,7 @@ def batch_utilisation(
         b, s = len(picked), max(picked)
         shares.append(cost.predict(b, s) / workspace)
         if batches < 6:  # measure the first few for real
-            measured_shares.append(meter.measure(lambda b=b, s=s: forward(b, s)) / workspace)
+            measured_shares.append(meter.measure(partial(forward, b, s)) / workspace)
         batches += 1
         keep = set(chosen)
         queue = [x for i, x in enumerate(queue) if i not in keep]

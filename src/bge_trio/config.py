@@ -48,7 +48,7 @@ class Settings:
     cost_b: float | None = None
     cache_dir: Path = attrs.field(factory=lambda: _default_cache_dir(os.environ))
     batch_wait_ms: float = 2.0
-    max_batch_tokens: int | None = None
+    max_batch_tokens: int | None = 1024
     max_score_pairs: int = 10_000
     max_queue_items: int = 4096
     max_queue_tokens: int = 1 << 20
@@ -89,7 +89,7 @@ class Settings:
             cost_b=cost_b,
             cache_dir=r.get("CACHE_DIR", _path, _default_cache_dir(env)),
             batch_wait_ms=r.get("BATCH_WAIT_MS", _float(0.0, 1000.0), 2.0),
-            max_batch_tokens=r.get("MAX_BATCH_TOKENS", _int(8, 1 << 31), None),
+            max_batch_tokens=r.get("MAX_BATCH_TOKENS", _int(8, 1 << 31), 1024),
             max_score_pairs=r.get("MAX_SCORE_PAIRS", _int(1, 10_000_000), 10_000),
             max_queue_items=r.get("MAX_QUEUE_ITEMS", _int(1, 10_000_000), 4096),
             max_queue_tokens=r.get("MAX_QUEUE_TOKENS", _int(1, 1 << 40), 1 << 20),

@@ -110,6 +110,7 @@ class EmbeddingService:
             batch_wait_s=settings.batch_wait_ms / 1000,
             max_queue_items=settings.max_queue_items,
             max_queue_tokens=settings.max_queue_tokens,
+            max_wait_s=settings.request_timeout_s,
             observer=metrics.SchedulerMetrics(),
         )
         self.status: Status = "loading"

@@ -129,9 +129,11 @@ class Encoder:
             log.warning("BGE_TRIO_DTYPE=bf16 but this CPU has no fast bf16; serving fp32")
             dtype = "fp32"
         if dtype == "int8":
-            model = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-                model, {torch.nn.Linear}, dtype=torch.qint8
-            )
+            with warnings.catch_warnings():  # the API is deprecated, and still the simplest
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+                    model, {torch.nn.Linear}, dtype=torch.qint8
+                )
 
         position_limit = int(config.max_position_embeddings)
         if config.model_type in _OFFSET_POSITIONS:

@@ -75,6 +75,7 @@ class Scheduler:
         batch_wait_s: float = 0.002,
         max_queue_items: int = 4096,
         max_queue_tokens: int = 1 << 20,
+        max_wait_s: float = math.inf,
         observer: Observer | None = None,
     ) -> None:
         self._runner = runner
@@ -83,6 +84,8 @@ class Scheduler:
         self._batch_wait_s = batch_wait_s
         self.max_queue_items = max_queue_items
         self.max_queue_tokens = max_queue_tokens
+        self.max_wait_s = max_wait_s
+        self.tokens_per_s: float | None = None  # per forward pass, smoothed
         # Admission control bounds what is queued, so the channel itself never has to
         # push back; its capacity only needs to exceed the largest admissible queue.
         self._send, self._receive = trio.open_memory_channel[WorkItem](max_queue_items + 100_000)
@@ -132,6 +135,7 @@ class Scheduler:
         if self.queued_items and (
             self.queued_items + items > self.max_queue_items
             or self.queued_tokens + tokens > self.max_queue_tokens
+            or self.expected_wait_s(tokens) > self.max_wait_s
         ):
             raise QueueFullError(
                 f"{self.queued_items} texts ({self.queued_tokens} tokens) are already queued"
@@ -139,6 +143,17 @@ class Scheduler:
         self.queued_items += items
         self.queued_tokens += tokens
         self._observer.queue_changed(self.queued_items, self.queued_tokens)
+
+    def expected_wait_s(self, extra_tokens: int = 0) -> float:
+        """How long the queue (plus ``extra_tokens``) takes at the measured speed; 0 if unknown.
+
+        A request that would wait longer than its deadline is better refused now (429,
+        retry elsewhere) than accepted and timed out later (504, work wasted).
+        """
+        if not self.tokens_per_s:
+            return 0.0
+        rate = self.tokens_per_s * self._gate.workers
+        return (self.queued_tokens + extra_tokens) / rate
 
     def _dequeue(self, items: Sequence[WorkItem]) -> None:
         self.queued_items -= len(items)
@@ -226,8 +241,13 @@ class Scheduler:
             for item in batch:
                 item.ticket.fail(exc)
         else:
-            self._observer.batch_finished(trio.current_time() - started, ok=True)
+            elapsed = trio.current_time() - started
+            self._observer.batch_finished(elapsed, ok=True)
             self.consecutive_failures = 0
+            if elapsed > 0:
+                rate = sum(item.length for item in batch) / elapsed
+                previous = self.tokens_per_s
+                self.tokens_per_s = rate if previous is None else 0.8 * previous + 0.2 * rate
             for item, result in zip(batch, results, strict=True):
                 item.ticket.deliver(item.index, result)
         finally:

@@ -1,0 +1,395 @@
+"""Load benchmark: the server against the same model run in-process with no HTTP.
+
+    python -m benchmarks.load [--model bundled] [--seconds 8] [--dtypes fp32,bf16,int8]
+
+For each scenario (concurrency 1, 4, 16, 64; requests of 1 or 32 texts) a trio + httpx
+load generator drives a live ``bge-trio serve`` on 127.0.0.1 for a fixed time and
+records throughput and latency. The ideal is the same corpus through the same
+model in this process: length-sorted, batched 32 at a time, with the same thread
+count. Writes docs/performance.json, docs/performance-table.md and two plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+import trio
+
+from bge_trio.memory.allocator import configure_allocator
+from bge_trio.memory.plan import cpu_count
+from bge_trio.model.encoder import Encoder
+from bge_trio.model.source import resolve_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+CORPUS = Path(__file__).with_name("corpus.jsonl")
+CONCURRENCY = (1, 4, 16, 64)
+SHAPES = (1, 32)
+
+
+def load_corpus() -> list[dict[str, str]]:
+    return [json.loads(line) for line in CORPUS.read_text().splitlines()]
+
+
+class Server:
+    """A real ``bge-trio serve`` process on a free loopback port."""
+
+    def __init__(self, model: str, dtype: str, cache_dir: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BGE_TRIO_")}
+        env.update(
+            {
+                "BGE_TRIO_CACHE_DIR": str(cache_dir),
+                "BGE_TRIO_DTYPE": dtype,
+                "BGE_TRIO_MAX_QUEUE_ITEMS": "100000",
+                "BGE_TRIO_LOG_LEVEL": "WARNING",
+            }
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bge_trio.cli", "serve", "--model", model, "--port", "0"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            match = re.search(r"Running on (http://\S+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+        else:
+            raise RuntimeError("server did not start")
+        deadline = time.monotonic() + 300
+        while httpx.get(self.url + "/health").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server never became ready")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+async def drive(
+    url: str, texts: list[str], concurrency: int, per_request: int, seconds: float
+) -> dict[str, Any]:
+    """Closed-loop load: each client sends its next request as soon as one returns."""
+    latencies: list[float] = []
+    counts = {"texts": 0, "tokens": 0, "shed": 0, "errors": 0}
+    cursor = 0
+    end = trio.current_time() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal cursor
+        while trio.current_time() < end:
+            batch = [texts[(cursor + i) % len(texts)] for i in range(per_request)]
+            cursor += per_request
+            started = time.perf_counter()
+            r = await http.post(
+                "/v1/embeddings", json={"input": batch, "encoding_format": "base64"}
+            )
+            if r.status_code == 429:  # shed: back off briefly, as a client should
+                counts["shed"] += 1
+                await trio.sleep(float(r.headers.get("retry-after", "1")) / 10)
+                continue
+            latencies.append(time.perf_counter() - started)
+            if r.status_code != 200:
+                counts["errors"] += 1
+                continue
+            counts["texts"] += per_request
+            counts["tokens"] += r.json()["usage"]["prompt_tokens"]
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    started = trio.current_time()
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http,
+        trio.open_nursery() as nursery,
+    ):
+        for _ in range(concurrency):
+            nursery.start_soon(client, http)
+    elapsed = trio.current_time() - started
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "texts_per_request": per_request,
+        "seconds": elapsed,
+        "requests": len(latencies),
+        "shed_429": counts["shed"],
+        "errors": counts["errors"],
+        "texts_per_s": counts["texts"] / elapsed,
+        "tokens_per_s": counts["tokens"] / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def ideal(encoder: Encoder, texts: list[str], max_tokens: int = 1024) -> dict[str, float]:
+    """The same texts in this process, length-sorted and cut into batches of at most
+    ``max_tokens`` padded tokens (the server's default cap): no HTTP, no queue."""
+    ids = encoder.tokenize(texts)
+    ids = [encoder.truncate(x, encoder.info.max_seq_length) for x in ids]
+    batches: list[list[list[int]]] = [[]]
+    for seq in sorted(ids, key=len):
+        if batches[-1] and (len(batches[-1]) + 1) * len(seq) > max_tokens:
+            batches.append([])
+        batches[-1].append(seq)
+    encoder.forward(batches[0])  # warm-up
+    started = time.perf_counter()
+    for batch in batches:
+        encoder.forward(batch)
+    elapsed = time.perf_counter() - started
+    return {
+        "texts_per_s": len(ids) / elapsed,
+        "tokens_per_s": sum(len(x) for x in ids) / elapsed,
+    }
+
+
+def raw_query_latency(encoder: Encoder, queries: list[str]) -> float:
+    """p50 of tokenise + forward for one short query, in-process."""
+    samples = []
+    for text in queries:
+        started = time.perf_counter()
+        encoder.forward(encoder.tokenize([text]))
+        samples.append(time.perf_counter() - started)
+    return float(np.percentile(np.array(samples) * 1000, 50))
+
+
+def quality(reference: Encoder, variant: Encoder, texts: list[str]) -> dict[str, float]:
+    ids = [reference.truncate(x, reference.info.max_seq_length) for x in reference.tokenize(texts)]
+    outputs = reference.info.outputs
+    cosines, overlaps, colbert = [], [], []
+    for i in range(0, len(ids), 16):
+        chunk = ids[i : i + 16]
+        for a, b in zip(
+            reference.forward(chunk, outputs), variant.forward(chunk, outputs), strict=True
+        ):
+            assert a.dense is not None
+            assert b.dense is not None
+            cosines.append(float(a.dense @ b.dense))
+            if a.sparse is not None and b.sparse is not None:
+                sa, sb = set(a.sparse[0].tolist()), set(b.sparse[0].tolist())
+                overlaps.append(len(sa & sb) / max(1, len(sa | sb)))
+            if a.colbert is not None and b.colbert is not None:
+                colbert.append(float(np.mean(np.sum(a.colbert * b.colbert, axis=1))))
+    out = {"dense_cosine_min": min(cosines), "dense_cosine_mean": float(np.mean(cosines))}
+    if overlaps:
+        out["sparse_jaccard_mean"] = float(np.mean(overlaps))
+    if colbert:
+        out["colbert_cosine_mean"] = float(np.mean(colbert))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--dtypes", default="fp32,bf16,int8")
+    args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
+
+    corpus = load_corpus()
+    texts = [row["text"] for row in corpus]
+    queries = [row["text"] for row in corpus if row["kind"] == "query"]
+    configure_allocator("predictable")  # as the server does
+    source = resolve_model(args.model)
+    threads = cpu_count()
+    encoders = {d: Encoder.load(source, dtype=d, threads=threads) for d in dtypes}
+    report: dict[str, Any] = {
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "model": encoders["fp32"].info.name,
+        "seconds_per_scenario": args.seconds,
+        "scenarios": [],
+        "variants": {},
+    }
+    with tempfile.TemporaryDirectory() as cache:
+        for dtype in dtypes:
+            encoder = encoders[dtype]
+            best = ideal(encoder, texts)
+            server = Server(args.model, dtype, Path(cache))
+            try:
+                if dtype == "fp32":
+                    for concurrency in CONCURRENCY:
+                        for shape in SHAPES:
+                            result = trio.run(
+                                drive, server.url, texts, concurrency, shape, args.seconds
+                            )
+                            result["ratio_to_ideal"] = result["tokens_per_s"] / best["tokens_per_s"]
+                            report["scenarios"].append(result)
+                            print(_row(result), flush=True)
+                    short = trio.run(drive, server.url, queries, 1, 1, args.seconds)
+                    raw = raw_query_latency(encoder, queries[:100])
+                    report["short_query"] = {
+                        "server_p50_ms": short["p50_ms"],
+                        "raw_forward_p50_ms": raw,
+                        "overhead_ms": short["p50_ms"] - raw,
+                    }
+                loaded = trio.run(drive, server.url, texts, 16, 32, args.seconds)
+            finally:
+                server.stop()
+            variant: dict[str, Any] = {
+                "ideal": best,
+                "server_c16x32": loaded,
+                "dtype_served": encoder.info.dtype,
+            }
+            if dtype != "fp32":
+                variant["quality_vs_fp32"] = quality(encoders["fp32"], encoder, texts)
+            report["variants"][dtype] = variant
+            print(
+                f"{dtype}: ideal {best['tokens_per_s']:.0f} tok/s, server "
+                f"{loaded['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
+    base = report["variants"]["fp32"]
+    for variant in report["variants"].values():
+        variant["throughput_vs_fp32"] = (
+            variant["server_c16x32"]["tokens_per_s"] / base["server_c16x32"]["tokens_per_s"]
+        )
+    report["m3_heads_quality"] = m3_heads_quality(dtypes)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "performance.json").write_text(json.dumps(report, indent=2) + "\n")
+    (DOCS / "performance-table.md").write_text(table(report))
+    plot(report)
+    print(table(report))
+
+
+def m3_heads_quality(dtypes: list[str]) -> dict[str, Any]:
+    """Sparse and ColBERT agreement of each variant, on the tiny BGE-M3-layout model."""
+    from bge_trio.testing import build_tiny_m3
+
+    texts = [row["text"] for row in load_corpus()][:64]
+    with tempfile.TemporaryDirectory() as directory:
+        source = resolve_model(str(build_tiny_m3(Path(directory))))
+        reference = Encoder.load(source, threads=cpu_count())
+        return {
+            d: quality(reference, Encoder.load(source, dtype=d, threads=cpu_count()), texts)
+            for d in dtypes
+            if d != "fp32"
+        }
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _row(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['concurrency']} | {r['texts_per_request']} | {r['requests']} | "
+        f"{r['shed_429']} | {r['texts_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.1f} | "
+        f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['ratio_to_ideal']:.2f} |"
+    )
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}; "
+        f"model {report['model']}; {report['seconds_per_scenario']:g} s per scenario.",
+        "",
+        "| concurrency | texts/request | requests | shed (429) | texts/s | tokens/s | p50 ms | "
+        "p95 ms | p99 ms | server / ideal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(_row(r) for r in report["scenarios"]),
+        "",
+    ]
+    sq = report.get("short_query")
+    if sq:
+        lines += [
+            f"Short query at concurrency 1: server p50 {sq['server_p50_ms']:.2f} ms, raw "
+            f"forward p50 {sq['raw_forward_p50_ms']:.2f} ms, overhead "
+            f"{sq['overhead_ms']:+.2f} ms.",
+            "",
+        ]
+    lines += [
+        "| dtype | served as | ideal tokens/s | server tokens/s (c16 x 32) | vs fp32 | "
+        "dense cosine min / mean |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for dtype, v in report["variants"].items():
+        q = v.get("quality_vs_fp32")
+        quality_cell = (
+            f"{q['dense_cosine_min']:.4f} / {q['dense_cosine_mean']:.4f}" if q else "reference"
+        )
+        lines.append(
+            f"| {dtype} | {v['dtype_served']} | {v['ideal']['tokens_per_s']:.0f} | "
+            f"{v['server_c16x32']['tokens_per_s']:.0f} | "
+            f"{v['throughput_vs_fp32']:.2f}x | {quality_cell} |"
+        )
+    heads = report.get("m3_heads_quality") or {}
+    if heads:
+        lines += [
+            "",
+            "Sparse and ColBERT agreement with fp32 (tiny BGE-M3-layout model):",
+            "",
+            "| dtype | sparse Jaccard mean | ColBERT cosine mean |",
+            "| --- | --- | --- |",
+        ]
+        for dtype, q in heads.items():
+            lines.append(
+                f"| {dtype} | {q.get('sparse_jaccard_mean', float('nan')):.4f} | "
+                f"{q.get('colbert_cosine_mean', float('nan')):.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for shape in SHAPES:
+        rows = [r for r in report["scenarios"] if r["texts_per_request"] == shape]
+        x = [r["concurrency"] for r in rows]
+        left.plot(
+            x,
+            [r["tokens_per_s"] for r in rows],
+            marker="o",
+            label=f"server, {shape} text(s)/request",
+        )
+        right.plot(x, [r["p50_ms"] for r in rows], marker="o", label=f"p50, {shape}/request")
+        right.plot(
+            x,
+            [r["p99_ms"] for r in rows],
+            marker="x",
+            linestyle="--",
+            label=f"p99, {shape}/request",
+        )
+    ideal_tokens = report["variants"]["fp32"]["ideal"]["tokens_per_s"]
+    left.axhline(ideal_tokens, color="k", linestyle=":", label="ideal (in-process)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.legend(fontsize=7)
+    left.set_ylabel("tokens / s")
+    right.set_ylabel("latency (ms)")
+    right.set_yscale("log")
+    fig.suptitle(f"{report['model']} on {report['machine']['cores']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(DOCS / "performance.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

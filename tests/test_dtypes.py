@@ -1,0 +1,38 @@
+"""bf16 and int8 variants stay close to fp32, and each has its own probe cache entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bge_trio.config import Settings
+from bge_trio.memory.plan import cache_key_for
+from bge_trio.model.encoder import Encoder
+from bge_trio.model.source import ModelSource
+
+TEXTS = ["A cat sleeps on the sofa.", "The stock market fell sharply.", "Bonjour le monde"]
+
+
+@pytest.fixture(scope="module")
+def fp32(bundled_source: ModelSource) -> Encoder:
+    return Encoder.load(bundled_source, threads=2)
+
+
+@pytest.mark.parametrize(("dtype", "min_cosine"), [("bf16", 0.99), ("int8", 0.9)])
+def test_variant_is_close_to_fp32(
+    bundled_source: ModelSource, fp32: Encoder, dtype: str, min_cosine: float
+) -> None:
+    variant = Encoder.load(bundled_source, dtype=dtype, threads=2)
+    assert variant.info.dtype in {dtype, "fp32"}  # bf16 falls back where the CPU lacks it
+    ids = fp32.tokenize(TEXTS)
+    for a, b in zip(fp32.forward(ids), variant.forward(ids), strict=True):
+        assert a.dense is not None
+        assert b.dense is not None
+        assert float(np.dot(a.dense, b.dense)) > min_cosine
+
+
+def test_dtype_is_part_of_the_cache_key(tiny_encoder: Encoder) -> None:
+    settings = Settings(model="tiny")
+    key = cache_key_for(tiny_encoder, settings)
+    assert key["dtype"] == "fp32"
+    assert key["allocator"] == "predictable"
