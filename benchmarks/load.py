@@ -48,14 +48,16 @@ def load_corpus() -> list[dict[str, str]]:
 class Server:
     """A real ``bge-trio serve`` process on a free loopback port."""
 
-    def __init__(self, model: str, dtype: str, cache_dir: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BGE_TRIO_")}
+    def __init__(self, model: str, dtype: str, cache_dir: Path, **settings: str) -> None:
+        # the caller's BGE_TRIO_* variables apply (e.g. to compare settings), ours on top
+        env = dict(os.environ)
         env.update(
             {
                 "BGE_TRIO_CACHE_DIR": str(cache_dir),
                 "BGE_TRIO_DTYPE": dtype,
                 "BGE_TRIO_MAX_QUEUE_ITEMS": "100000",
                 "BGE_TRIO_LOG_LEVEL": "WARNING",
+                **{f"BGE_TRIO_{k.upper()}": v for k, v in settings.items()},
             }
         )
         self.process = subprocess.Popen(

@@ -29,6 +29,7 @@ from bge_trio.memory.cost import CONSERVATIVE
 from bge_trio.model.encoder import Embedding, Output
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.gate import Gate
+from bge_trio.scheduler.threads import PinnedThread
 from bge_trio.scheduler.work import Ticket, WorkItem
 
 log = logging.getLogger(__name__)
@@ -162,23 +163,30 @@ class Scheduler:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The scheduler loop; runs until cancelled."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                if not self._pending:
-                    self._pending.append(await self._receive.receive())
-                borrower = object()
-                await self._gate.limiter.acquire_on_behalf_of(borrower)
-                try:
-                    await self._gather_company()
-                    batch = self._take_batch()
-                except BaseException:
-                    self._gate.limiter.release_on_behalf_of(borrower)
-                    raise
-                if not batch:
-                    self._gate.limiter.release_on_behalf_of(borrower)
-                    continue
-                nursery.start_soon(self._run_batch, batch, borrower)
+        # One pinned thread per gate token: holding a token means a thread is free.
+        idle = [PinnedThread(f"bge-trio-forward-{i}") for i in range(self._gate.workers)]
+        threads = list(idle)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    if not self._pending:
+                        self._pending.append(await self._receive.receive())
+                    borrower = object()
+                    await self._gate.limiter.acquire_on_behalf_of(borrower)
+                    try:
+                        await self._gather_company()
+                        batch = self._take_batch()
+                    except BaseException:
+                        self._gate.limiter.release_on_behalf_of(borrower)
+                        raise
+                    if not batch:
+                        self._gate.limiter.release_on_behalf_of(borrower)
+                        continue
+                    nursery.start_soon(self._run_batch, batch, borrower, idle)
+        finally:
+            for thread in threads:
+                thread.close()
 
     def fail_all(self, error: BaseException) -> None:
         """Answer every queued text with ``error`` (used when the scheduler cannot go on)."""
@@ -221,7 +229,10 @@ class Scheduler:
         self._dequeue(batch)
         return batch
 
-    async def _run_batch(self, batch: list[WorkItem], borrower: object) -> None:
+    async def _run_batch(
+        self, batch: list[WorkItem], borrower: object, idle: list[PinnedThread]
+    ) -> None:
+        thread = idle.pop()
         started = trio.current_time()
         try:
             outputs: frozenset[Output] = frozenset().union(*(i.ticket.outputs for i in batch))
@@ -231,9 +242,7 @@ class Scheduler:
                 len(batch) * max(item.length for item in batch),
                 [started - item.enqueued_at for item in batch],
             )
-            results = await trio.to_thread.run_sync(
-                self._runner, [item.token_ids for item in batch], outputs
-            )
+            results = await thread.run(self._runner, [item.token_ids for item in batch], outputs)
         except Exception as exc:
             self._observer.batch_finished(trio.current_time() - started, ok=False)
             self.consecutive_failures += 1
@@ -251,6 +260,7 @@ class Scheduler:
             for item, result in zip(batch, results, strict=True):
                 item.ticket.deliver(item.index, result)
         finally:
+            idle.append(thread)
             self._gate.limiter.release_on_behalf_of(borrower)
 
 
