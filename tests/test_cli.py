@@ -250,3 +250,48 @@ def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Pat
             process.kill()
     assert [status for status, _ in results] == [200] * 8
     assert max(done for _, done in results) > signalled  # some were in flight at SIGTERM
+
+
+def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    process = subprocess.Popen(
+        [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0", "--processes", "2"],
+        env=_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom")),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    (tmp_path / "prom").mkdir()
+    lines: list[str] = []
+    try:
+        url = _wait_for_url(process, lines)
+        _wait_healthy(url)
+        with httpx.Client(base_url=url) as client:
+            for _ in range(2):
+                assert _wait_all_healthy(client)
+            for _ in range(20):  # new connections spread over both processes
+                with httpx.Client(base_url=url) as fresh:
+                    assert fresh.post("/v1/embeddings", json={"input": "x"}).status_code == 200
+            text = client.get("/metrics").text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "bge_trio_requests_total" and sample.labels == {
+                "route": "/v1/embeddings",
+                "status": "200",
+            }:
+                total += sample.value
+    assert total == 20
+    assert len(list((tmp_path / "prom").glob("gauge_max_*.db"))) == 2  # both processes wrote
+
+
+def _wait_all_healthy(client: httpx.Client) -> bool:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if client.get("/health").status_code == 200:
+            return True
+        time.sleep(0.1)
+    return False

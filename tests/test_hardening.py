@@ -337,3 +337,36 @@ async def test_fuzzed_bodies_never_5xx(tiny_model_dir: Path, settings_for: Any) 
             if r.status_code >= 400:
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert (await server.client.get("/health")).status_code == 200
+
+
+async def test_body_over_the_limit_is_413_json(tiny_model_dir: Path, settings_for: Any) -> None:
+    async with running_server(settings_for(tiny_model_dir, max_body_bytes=4096)) as server:
+        r = await server.client.post("/v1/embeddings", json={"input": ["x" * 5000]})
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "request_too_large"
+        assert (await server.client.post("/v1/embeddings", json={"input": "ok"})).status_code == 200
+
+
+async def test_request_log_line_says_where_time_went(
+    tiny_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    access = logging.getLogger("bge_trio.access")
+    access.addHandler(caplog.handler)
+    try:
+        r = await tiny_server.client.post(
+            "/v1/embeddings", json={"input": ["a", "b"]}, headers={"x-request-id": "log-me"}
+        )
+        assert r.status_code == 200
+    finally:
+        access.removeHandler(caplog.handler)
+    records = [rec for rec in caplog.records if getattr(rec, "request_id", "") == "log-me"]
+    assert records
+    record = records[-1]
+    assert record.route == "/v1/embeddings"  # type: ignore[attr-defined]
+    assert record.status == 200  # type: ignore[attr-defined]
+    assert record.inputs == 2  # type: ignore[attr-defined]
+    assert record.tokens > 2  # type: ignore[attr-defined]
+    assert record.inference_ms > 0  # type: ignore[attr-defined]
+    assert record.queue_ms >= 0  # type: ignore[attr-defined]

@@ -29,7 +29,6 @@ from bge_trio.service import EmbeddingService
 log = logging.getLogger(__name__)
 
 EXIT_STARTUP_FAILED = 3
-MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 def create_app(
@@ -50,7 +49,7 @@ def create_app(
     )
 
     app = QuartTrio("bge_trio")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
     app.extensions["bge_trio"] = service
     app.register_blueprint(routes.create_blueprint(service))

@@ -55,6 +55,7 @@ class Settings:
     request_timeout_s: float = 60.0
     failure_threshold: int = 3
     max_input_chars: int = 200_000
+    max_body_bytes: int = 64 * 1024 * 1024
     api_key: str | None = attrs.field(default=None, repr=False)
     log_level: str = "INFO"
 
@@ -96,6 +97,7 @@ class Settings:
             request_timeout_s=r.get("REQUEST_TIMEOUT_S", _float(0.001, 86400.0), 60.0),
             failure_threshold=r.get("FAILURE_THRESHOLD", _int(1, 1_000_000), 3),
             max_input_chars=r.get("MAX_INPUT_CHARS", _int(1, 1 << 31), 200_000),
+            max_body_bytes=r.get("MAX_BODY_BYTES", _int(1024, 1 << 34), 64 * 1024 * 1024),
             api_key=r.get("API_KEY", _nonempty, None),
             log_level=r.get(
                 "LOG_LEVEL", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True), "INFO"

@@ -56,6 +56,7 @@ from bge_trio.scheduler.scheduler import (
     BatchFailedError,
     QueueFullError,
     Scheduler,
+    Timing,
     unlimited_policy,
 )
 from bge_trio.scoring import MODES, Weights, combine, score_matrix
@@ -72,6 +73,7 @@ class Embedded:
 
     embeddings: list[Embedding]
     token_ids: list[list[int]]
+    timing: Timing = attrs.field(factory=Timing)
 
     @property
     def prompt_tokens(self) -> int:
@@ -291,11 +293,11 @@ class EmbeddingService:
         return self.encoder
 
     async def _submit(
-        self, ids: list[list[int]], outputs: frozenset[Output], arrived: float
+        self, ids: list[list[int]], outputs: frozenset[Output], arrived: float, timing: Timing
     ) -> list[Embedding]:
         """Queue the texts; while the gate is still closed, give up at the startup wait."""
         if self.gate.is_open:
-            return await self.scheduler.submit(ids, outputs)
+            return await self.scheduler.submit(ids, outputs, timing)
         results: list[Embedding] | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -306,7 +308,7 @@ class EmbeddingService:
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(give_up_if_still_closed)
-                results = await self.scheduler.submit(ids, outputs)
+                results = await self.scheduler.submit(ids, outputs, timing)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # only submit can fail here; surface its error as itself
@@ -347,8 +349,9 @@ class EmbeddingService:
         else:
             ids = self._check_token_ids(encoder, token_ids or [])
         ids = self._fit_lengths(encoder, ids)
+        timing = Timing()
         try:
-            results = await self._submit(ids, outputs, arrived)
+            results = await self._submit(ids, outputs, arrived, timing)
         except BatchFailedError:
             if self.status == "error":
                 raise _server_failed() from None
@@ -361,7 +364,7 @@ class EmbeddingService:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             ) from None
-        return Embedded(results, ids)
+        return Embedded(results, ids, timing)
 
     async def score(
         self, queries: Sequence[str], documents: Sequence[str], weights: Weights

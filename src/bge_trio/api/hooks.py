@@ -63,6 +63,8 @@ def install(app: Quart, api_key: str | None) -> None:
                     "status": response.status_code,
                     "inputs": getattr(g, "inputs", None),
                     "tokens": getattr(g, "tokens", None),
+                    "queue_ms": getattr(g, "queue_ms", None),
+                    "inference_ms": getattr(g, "inference_ms", None),
                     "ms": round(seconds * 1000, 2),
                 },
             )

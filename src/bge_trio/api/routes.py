@@ -22,6 +22,7 @@ from bge_trio.api.errors import json_response
 from bge_trio.errors import ApiError, invalid
 from bge_trio.memory.probe import resident_bytes
 from bge_trio.model.encoder import Embedding, Output
+from bge_trio.scheduler.scheduler import Timing
 from bge_trio.service import Embedded, EmbeddingService
 
 DENSE: frozenset[Output] = frozenset({"dense"})
@@ -49,7 +50,7 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
             max_chars=service.settings.max_input_chars,
         )
         embedded = await within_deadline(service.embed, inputs.texts, inputs.token_ids, outputs)
-        note_usage(len(inputs), embedded.prompt_tokens)
+        note_usage(len(inputs), embedded.prompt_tokens, embedded.timing)
         return embedded
 
     async def within_deadline(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -275,10 +276,13 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
     return api
 
 
-def note_usage(inputs: int, tokens: int) -> None:
-    """Record what the request carried, for its log line."""
+def note_usage(inputs: int, tokens: int, timing: Timing | None = None) -> None:
+    """Record what the request carried and where its time went, for its log line."""
     g.inputs = inputs
     g.tokens = tokens
+    if timing is not None:
+        g.queue_ms = round(timing.queue_s * 1000, 2)
+        g.inference_ms = round(timing.inference_s * 1000, 2)
 
 
 def _dense(value: Any) -> Any:

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import attrs
 import trio
 
 from bge_trio.memory.cost import CONSERVATIVE
@@ -56,6 +57,14 @@ class _Unobserved:
 
     def queue_changed(self, items: int, tokens: int) -> None:
         pass
+
+
+@attrs.define
+class Timing:
+    """Where a request's time went: waiting for a batch, and in forward passes."""
+
+    queue_s: float = 0.0
+    inference_s: float = 0.0
 
 
 class BatchFailedError(RuntimeError):
@@ -98,7 +107,10 @@ class Scheduler:
         self.consecutive_failures = 0
 
     async def submit(
-        self, token_lists: Sequence[Sequence[int]], outputs: frozenset[Output]
+        self,
+        token_lists: Sequence[Sequence[int]],
+        outputs: frozenset[Output],
+        timing: Timing | None = None,
     ) -> list[Embedding]:
         """Queue every text of one request and wait for all results, in input order.
 
@@ -123,6 +135,8 @@ class Scheduler:
             raise
         if ticket.error is not None:
             raise BatchFailedError("forward pass failed") from ticket.error
+        if timing is not None:
+            timing.queue_s, timing.inference_s = ticket.queue_s, ticket.inference_s
         return [r for r in ticket.results if r is not None]
 
     def _admit(self, token_lists: Sequence[Sequence[int]]) -> None:
@@ -252,6 +266,10 @@ class Scheduler:
         else:
             elapsed = trio.current_time() - started
             self._observer.batch_finished(elapsed, ok=True)
+            for ticket in {id(item.ticket): item.ticket for item in batch}.values():
+                ticket.inference_s += elapsed
+            for item in batch:
+                item.ticket.queue_s = max(item.ticket.queue_s, started - item.enqueued_at)
             self.consecutive_failures = 0
             if elapsed > 0:
                 rate = sum(item.length for item in batch) / elapsed

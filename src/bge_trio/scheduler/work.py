@@ -25,6 +25,8 @@ class Ticket:
     error: BaseException | None = None
     cancelled: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
+    queue_s: float = 0.0  # the longest any of its texts waited for a forward pass
+    inference_s: float = 0.0  # time of the forward passes its texts were in
 
     def __attrs_post_init__(self) -> None:
         self.results = [None] * self.size
