@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,41 +13,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bge_trio.config import Settings
-from bge_trio.memory.budget import Budget
-from bge_trio.memory.cost import CostModel
-from bge_trio.memory.plan import MemoryPlan
-from bge_trio.memory.probe import Progress
 from bge_trio.model.encoder import Embedding, Encoder, Output
 from bge_trio.model.source import ModelSource
 from tests.conftest import Server, running_server, wait_ready
+from tests.test_gate import ControllableProbe
 
 MARKER = 77  # a token id the faulty model refuses
 
 
-class HeldProbe:
-    """Keeps the gate closed until released, so a queue can be built deterministically."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(
-        self, encoder: Encoder, settings: Settings, budget: Budget, *, progress: Progress | None
-    ) -> MemoryPlan:
-        self.started.set()
-        self.release.wait(timeout=60)
-        return MemoryPlan("complete", CostModel(20_000.0, 4.0), budget)
-
-
-async def _started(probe: HeldProbe) -> None:
+async def _started(probe: ControllableProbe) -> None:
     assert await trio.to_thread.run_sync(probe.started.wait, 30)
 
 
 async def test_overload_is_429_with_retry_after_and_no_5xx(
     tiny_model_dir: Path, settings_for: Any
 ) -> None:
-    probe = HeldProbe()
+    probe = ControllableProbe()
     settings = settings_for(tiny_model_dir, max_queue_items=8, startup_wait_s=60)
     async with running_server(settings, ready=False, planner=probe) as server:
         await _started(probe)
@@ -103,7 +83,7 @@ async def test_flood_sheds_load_without_errors(tiny_model_dir: Path, settings_fo
 async def test_deadline_passes_and_texts_never_reach_the_model(
     tiny_model_dir: Path, settings_for: Any
 ) -> None:
-    probe = HeldProbe()
+    probe = ControllableProbe()
     settings = settings_for(tiny_model_dir, request_timeout_s=0.3, startup_wait_s=60)
     async with running_server(settings, ready=False, planner=probe) as server:
         await _started(probe)
@@ -120,7 +100,7 @@ async def test_deadline_passes_and_texts_never_reach_the_model(
 async def test_disconnected_client_texts_are_dropped(
     tiny_model_dir: Path, settings_for: Any
 ) -> None:
-    probe = HeldProbe()
+    probe = ControllableProbe()
     settings = settings_for(tiny_model_dir, startup_wait_s=60)
     async with running_server(settings, ready=False, planner=probe) as server:
         await _started(probe)

@@ -74,22 +74,28 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    @api.post("/v1/embeddings")
-    async def embeddings() -> Response:
-        payload = await body()
+    async def dense_embeddings(payload: dict[str, Any], outputs: frozenset[Output]) -> Response:
+        """/v1/embeddings, and /v1/embeddings:both when ``outputs`` includes sparse."""
         fmt = schemas.parse_encoding_format(payload)
+        return_tokens = schemas.parse_flag(payload, "return_tokens")
         encoder = await service.ready()
         dims = schemas.parse_dimensions(payload, encoder.info.dimension)
-        embedded = await embed(payload, DENSE)
-        data = [
-            {
+        embedded = await embed(payload, outputs)
+        data = []
+        for i, e in enumerate(embedded.embeddings):
+            item: dict[str, Any] = {
                 "object": "embedding",
                 "index": i,
                 "embedding": encode_vector(shorten(_dense(e.dense), dims), fmt),
             }
-            for i, e in enumerate(embedded.embeddings)
-        ]
+            if "sparse" in outputs:
+                item["sparse_values"] = _sparse(e, return_tokens)
+            data.append(item)
         return json_response(envelope(data, embedded))
+
+    @api.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        return await dense_embeddings(await body(), DENSE)
 
     @api.post("/v1/sparse-embeddings")
     async def sparse_embeddings() -> Response:
@@ -104,22 +110,7 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
 
     @api.post("/v1/embeddings:both")
     async def embeddings_both() -> Response:
-        payload = await body()
-        fmt = schemas.parse_encoding_format(payload)
-        return_tokens = schemas.parse_flag(payload, "return_tokens")
-        encoder = await service.ready()
-        dims = schemas.parse_dimensions(payload, encoder.info.dimension)
-        embedded = await embed(payload, BOTH)
-        data = [
-            {
-                "object": "embedding",
-                "index": i,
-                "embedding": encode_vector(shorten(_dense(e.dense), dims), fmt),
-                "sparse_values": _sparse(e, return_tokens),
-            }
-            for i, e in enumerate(embedded.embeddings)
-        ]
-        return json_response(envelope(data, embedded))
+        return await dense_embeddings(await body(), BOTH)
 
     @api.post("/v1/colbert-embeddings")
     async def colbert_embeddings() -> Response:
