@@ -64,7 +64,6 @@ from bge_trio.scoring import MODES, Weights, combine, score_matrix
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "probing", "ok", "error"]
-ALL_OUTPUTS: frozenset[Output] = frozenset({"dense", "sparse", "colbert"})
 
 
 @attrs.frozen(eq=False)
