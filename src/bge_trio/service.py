@@ -120,7 +120,6 @@ class EmbeddingService:
         self.error: str | None = None
         self.failed = trio.Event()  # set when startup fails for good
         self._loaded_or_failed = trio.Event()
-        self.started_at = time.time()
 
     # -- lifecycle ----------------------------------------------------------------------
 
