@@ -23,10 +23,9 @@ import trio
 
 from bge_trio.config import Settings
 from bge_trio.memory.allocator import configure_allocator
-from bge_trio.memory.budget import Budget, detect_memory_limit
 from bge_trio.memory.cost import CostModel
-from bge_trio.memory.plan import cpu_count, plan_memory, synthetic_forward
-from bge_trio.memory.probe import PeakMeter, malloc_trim, resident_bytes
+from bge_trio.memory.plan import cpu_count, measure_budget, plan_memory, synthetic_forward
+from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import resolve_model
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
@@ -65,10 +64,7 @@ def main() -> None:
     started = time.perf_counter()
     encoder = Encoder.load(source, max_seq_length=args.max_seq, threads=threads)
     load_s = time.perf_counter() - started
-    encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
-    malloc_trim()
-    limit = detect_memory_limit()
-    budget = Budget(limit, resident_bytes(), 256 * MIB, 0.7, 1, 1)
+    budget = measure_budget(encoder, Settings(model=args.model, max_seq_length=args.max_seq))
 
     with tempfile.TemporaryDirectory() as cache_dir:
         settings = Settings(

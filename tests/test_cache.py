@@ -14,7 +14,7 @@ from bge_trio.config import Settings
 from bge_trio.memory.budget import Budget, MemoryLimit
 from bge_trio.memory.cache import ProbeCache, make_key
 from bge_trio.memory.cost import CostModel, Point
-from bge_trio.memory.plan import plan_memory
+from bge_trio.memory.plan import cache_key_for, plan_memory
 from bge_trio.model.encoder import Encoder
 
 FIELDS: dict[str, str | int] = {
@@ -178,3 +178,17 @@ def test_unwritable_cache_dir_still_probes(tiny_encoder: Encoder, tmp_path: Path
     blocker.write_text("not a directory")
     settings = Settings(model="tiny", cache_dir=blocker / "cache", probe="auto")
     assert plan_memory(tiny_encoder, settings, _budget(), progress=None).status == "complete"
+
+
+def test_a_failed_cache_write_keeps_the_result_without_probing_again(
+    tiny_encoder: Encoder, tmp_path: Path
+) -> None:
+    settings = Settings(model="tiny", cache_dir=tmp_path, probe="auto")
+    key = make_key(**cache_key_for(tiny_encoder, settings))
+    ProbeCache(tmp_path).path_for(key).mkdir()  # the cache file's place is taken: writes fail
+    measured: list[int] = []
+    plan = plan_memory(
+        tiny_encoder, settings, _budget(), progress=lambda done, total, point: measured.append(done)
+    )
+    assert plan.status == "complete"
+    assert measured == list(range(1, len(plan.points) + 1))  # one probe, not two

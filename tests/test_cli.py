@@ -22,6 +22,18 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+HYPERCORN = [
+    sys.executable,
+    "-m",
+    "hypercorn",
+    "--worker-class",
+    "trio",
+    "--bind",
+    "127.0.0.1:0",
+    "bge_trio.asgi:app",
+]
+
+
 def _bge_trio() -> list[str]:
     return [sys.executable, "-m", "bge_trio.cli"]
 
@@ -135,16 +147,7 @@ def test_bad_setting_names_variable_and_range(
 
 def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> None:
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--worker-class",
-            "trio",
-            "--bind",
-            "127.0.0.1:0",
-            "bge_trio.asgi:app",
-        ],
+        HYPERCORN,
         env=_env(tmp_path, BGE_TRIO_WORKERS="lots"),
         capture_output=True,
         text=True,
@@ -158,16 +161,7 @@ def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> Non
 
 def test_plain_hypercorn_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--worker-class",
-            "trio",
-            "--bind",
-            "127.0.0.1:0",
-            "bge_trio.asgi:app",
-        ],
+        HYPERCORN,
         env=_env(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir)),
         stderr=subprocess.PIPE,
         text=True,

@@ -6,10 +6,14 @@ import sys
 
 from bge_trio.config import Settings
 from bge_trio.memory.allocator import configure_allocator
-from bge_trio.memory.budget import Budget, detect_memory_limit
 from bge_trio.memory.cost import Point
-from bge_trio.memory.plan import MemoryTooSmallError, check_fits, cpu_count, plan_memory
-from bge_trio.memory.probe import malloc_trim, resident_bytes
+from bge_trio.memory.plan import (
+    MemoryTooSmallError,
+    check_fits,
+    cpu_count,
+    measure_budget,
+    plan_memory,
+)
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource
 
@@ -27,17 +31,8 @@ def run_probe_command(settings: Settings, source: ModelSource) -> int:
         dtype=settings.dtype,
         threads=max(1, cpu_count() // settings.workers),
     )
-    encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
-    malloc_trim()
-    limit = detect_memory_limit(override=settings.memory_limit_bytes)
-    budget = Budget(
-        limit,
-        resident_bytes(),
-        settings.memory_headroom_bytes,
-        settings.memory_safety,
-        settings.workers,
-        settings.processes,
-    )
+    budget = measure_budget(encoder, settings)
+    limit = budget.limit
     print(
         f"memory limit {limit.bytes / MIB:.0f} MiB ({limit.source}); model resident "
         f"{budget.model_resident_bytes / MIB:.0f} MiB; per-forward budget "

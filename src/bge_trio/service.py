@@ -30,7 +30,6 @@ from bge_trio import metrics
 from bge_trio.config import Settings
 from bge_trio.errors import ApiError, invalid, unavailable
 from bge_trio.memory.allocator import configure_allocator
-from bge_trio.memory.budget import Budget, detect_memory_limit
 from bge_trio.memory.cost import CONSERVATIVE, Point
 from bge_trio.memory.plan import (
     MemoryPlan,
@@ -38,9 +37,9 @@ from bge_trio.memory.plan import (
     Planner,
     check_fits,
     cpu_count,
+    measure_budget,
     plan_memory,
 )
-from bge_trio.memory.probe import malloc_trim, resident_bytes
 from bge_trio.model.encoder import (
     Embedding,
     Encoder,
@@ -203,17 +202,8 @@ class EmbeddingService:
 
     def _plan_memory(self) -> MemoryPlan:
         encoder = self._require_encoder()
-        encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
-        malloc_trim()
-        limit = detect_memory_limit(self.root, self.settings.memory_limit_bytes)
-        budget = Budget(
-            limit,
-            resident_bytes(),
-            self.settings.memory_headroom_bytes,
-            self.settings.memory_safety,
-            self.settings.workers,
-            self.settings.processes,
-        )
+        budget = measure_budget(encoder, self.settings, self.root)
+        limit = budget.limit
         log.info(
             "memory limit %d bytes from %s; model resident %d bytes; budget %d bytes per forward",
             limit.bytes,

@@ -61,6 +61,17 @@ def parse_inputs(
     return inputs
 
 
+def _check_count(value: list[Any], name: str, max_items: int) -> None:
+    if not value:
+        raise invalid(f"'{name}' must not be empty", param=name, code="empty_input")
+    if len(value) > max_items:
+        raise invalid(
+            f"'{name}' has {len(value)} items; at most {max_items} are allowed per request",
+            param=name,
+            code="too_many_inputs",
+        )
+
+
 def _check_chars(texts: list[str], max_chars: int, param: str) -> None:
     for index, text in enumerate(texts):
         if len(text) > max_chars:
@@ -84,14 +95,7 @@ def _parse_inputs(value: object, *, max_items: int, param: str) -> Inputs:
             param=param,
             code="invalid_input",
         )
-    if not value:
-        raise invalid(f"'{param}' must not be empty", param=param, code="empty_input")
-    if len(value) > max_items:
-        raise invalid(
-            f"'{param}' has {len(value)} items; at most {max_items} are allowed per request",
-            param=param,
-            code="too_many_inputs",
-        )
+    _check_count(value, param, max_items)
     if all(isinstance(v, str) for v in value):
         return Inputs(list(value), None)
     if all(_is_int(v) for v in value):
@@ -177,14 +181,7 @@ def _strings(value: object, name: str, max_items: int) -> list[str]:
         raise invalid(
             f"'{name}' must be a string or a list of strings", param=name, code="invalid_input"
         )
-    if not value:
-        raise invalid(f"'{name}' must not be empty", param=name, code="empty_input")
-    if len(value) > max_items:
-        raise invalid(
-            f"'{name}' has {len(value)} items; at most {max_items} are allowed per request",
-            param=name,
-            code="too_many_inputs",
-        )
+    _check_count(value, name, max_items)
     return list(value)
 
 

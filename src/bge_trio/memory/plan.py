@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -21,10 +22,17 @@ import torch
 
 from bge_trio import __version__
 from bge_trio.config import Settings
-from bge_trio.memory.budget import Budget
+from bge_trio.memory.budget import Budget, detect_memory_limit
 from bge_trio.memory.cache import ProbeCache, cpu_identity, make_key, weights_fingerprint
 from bge_trio.memory.cost import CONSERVATIVE, CostModel, Point
-from bge_trio.memory.probe import PeakMeter, Progress, probe_shapes, run_probe
+from bge_trio.memory.probe import (
+    PeakMeter,
+    Progress,
+    malloc_trim,
+    probe_shapes,
+    resident_bytes,
+    run_probe,
+)
 from bge_trio.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -115,6 +123,24 @@ def synthetic_forward(encoder: Encoder) -> Callable[[int, int], object]:
     return forward
 
 
+def measure_budget(encoder: Encoder, settings: Settings, root: Path = Path("/")) -> Budget:
+    """Warm the model up, hand freed memory back, and size the per-forward workspace.
+
+    The resident size is read after a warm-up pass and ``malloc_trim``, so it counts
+    the model and everything a pass keeps, but not a pass's transient peak.
+    """
+    encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
+    malloc_trim()
+    return Budget(
+        detect_memory_limit(root, settings.memory_limit_bytes),
+        resident_bytes(),
+        settings.memory_headroom_bytes,
+        settings.memory_safety,
+        settings.workers,
+        settings.processes,
+    )
+
+
 def plan_memory(
     encoder: Encoder,
     settings: Settings,
@@ -167,10 +193,13 @@ def _probe_or_cache(
                     return MemoryPlan("cache_hit", hit.model, budget, hit.points, hit.method)
             plan = _failsafe(probe, budget)
             if plan.status == "complete":
-                path = cache.store(key, plan.cost, plan.points, plan.method or "")
-                log.info("probe result cached in %s", path)
+                try:
+                    path = cache.store(key, plan.cost, plan.points, plan.method or "")
+                    log.info("probe result cached in %s", path)
+                except OSError as exc:  # keep the result; only the next start pays again
+                    log.warning("could not write the probe cache (%s)", exc)
             return plan
-    except OSError as exc:  # cache directory unusable: probe without it
+    except OSError as exc:  # no lock, so no cache directory: probe without it
         log.warning("probe cache at %s unusable (%s); probing without it", cache.directory, exc)
         return _failsafe(probe, budget)
 
