@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from bge_trio.config import Settings
 from bge_trio.memory.plan import cache_key_for
 from bge_trio.model.encoder import Encoder
-from bge_trio.model.source import ModelSource
+from bge_trio.model.source import ModelSource, resolve_model
 
 TEXTS = ["A cat sleeps on the sofa.", "The stock market fell sharply.", "Bonjour le monde"]
 
@@ -29,6 +32,24 @@ def test_variant_is_close_to_fp32(
         assert a.dense is not None
         assert b.dense is not None
         assert float(np.dot(a.dense, b.dense)) > min_cosine
+
+
+def test_bf16_runs_bf16_weights_and_answers_in_float32(tiny_model_dir: Path) -> None:
+    source = resolve_model(str(tiny_model_dir))
+    reference = Encoder.load(source, threads=2)
+    variant = Encoder.load(source, dtype="bf16", threads=2)
+    if variant.info.dtype != "bf16":
+        pytest.skip("this CPU has no fast bf16")
+    assert {p.dtype for p in variant.model.parameters()} == {torch.bfloat16}
+    ids = reference.tokenize(TEXTS)
+    outputs = reference.info.outputs
+    for a, b in zip(reference.forward(ids, outputs), variant.forward(ids, outputs), strict=True):
+        assert b.dense is not None
+        assert b.colbert is not None
+        assert b.sparse is not None
+        assert a.colbert is not None
+        assert b.dense.dtype == b.colbert.dtype == b.sparse[1].dtype == np.float32
+        assert float(np.mean(np.sum(a.colbert * b.colbert, axis=1))) > 0.99
 
 
 def test_dtype_is_part_of_the_cache_key(tiny_encoder: Encoder) -> None:

@@ -27,7 +27,7 @@ import attrs
 from bge_trio.memory.cost import CostModel, Point
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bf16 means bf16 weights (was autocast)
 
 
 @attrs.frozen

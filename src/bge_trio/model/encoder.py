@@ -7,11 +7,10 @@ returns any mix of the three outputs from the same hidden states.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,7 +92,6 @@ class Encoder:
         self.closing_ids = frozenset(
             i for i in (tokenizer.eos_token_id, tokenizer.sep_token_id) if i is not None
         )
-        self._autocast_bf16 = info.dtype == "bf16"
 
     @classmethod
     def load(
@@ -105,7 +103,13 @@ class Encoder:
         dtype: str = "fp32",
         threads: int | None = None,
     ) -> Encoder:
-        """Load tokenizer, transformer (fp32 weights) and the optional BGE-M3 heads."""
+        """Load tokenizer, transformer and the optional BGE-M3 heads (always fp32).
+
+        ``bf16`` stores the transformer's weights in bfloat16 and runs it so. CPU
+        autocast was tried first: it recasts every fp32 weight on every pass, which
+        made it 1.6x fp32 where bf16 weights are 2.2x, with the same dense cosine to
+        fp32 (min 0.9998 on the benchmark corpus). Outputs are pooled in fp32.
+        """
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -128,6 +132,8 @@ class Encoder:
         if dtype == "bf16" and not _bf16_supported():
             log.warning("BGE_TRIO_DTYPE=bf16 but this CPU has no fast bf16; serving fp32")
             dtype = "fp32"
+        if dtype == "bf16":
+            model.to(torch.bfloat16)
         if dtype == "int8":
             with warnings.catch_warnings():  # the API is deprecated, and still the simplest
                 warnings.simplefilter("ignore")
@@ -241,9 +247,7 @@ class Encoder:
             ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         with torch.inference_mode():
-            with self._precision():
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            hidden = hidden.float()
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
             dense = pool(hidden, mask, self.info.pooling).numpy() if "dense" in outputs else None
             weights = (
                 heads.sparse_token_weights(self._sparse, hidden).numpy()
@@ -267,14 +271,6 @@ class Encoder:
                 )
             )
         return results
-
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        if self._autocast_bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                yield
-        else:
-            yield
 
 
 def _bf16_supported() -> bool:
