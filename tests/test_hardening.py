@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -350,3 +351,32 @@ async def test_request_log_line_says_where_time_went(
     assert record.tokens > 2  # type: ignore[attr-defined]
     assert record.inference_ms > 0  # type: ignore[attr-defined]
     assert record.queue_ms >= 0  # type: ignore[attr-defined]
+
+
+async def test_all_torch_work_runs_on_the_forward_thread(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    """One OpenMP team per worker: loading, probing and serving share the forward thread."""
+    threads: list[str] = []
+
+    class RecordingEncoder(Encoder):
+        def forward(
+            self, batch: Sequence[Sequence[int]], outputs: frozenset[Output] = frozenset({"dense"})
+        ) -> list[Embedding]:
+            threads.append(threading.current_thread().name)
+            return super().forward(batch, outputs)
+
+    def load(source: ModelSource, **kwargs: Any) -> Encoder:
+        threads.append(threading.current_thread().name)
+        real = Encoder.load(source, **kwargs)
+        return RecordingEncoder(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
+
+    settings = settings_for(tiny_model_dir, probe="auto")
+    async with running_server(settings, load_encoder=load) as server:
+        r = await server.client.post("/v1/embeddings", json={"input": "hello"})
+        assert r.status_code == 200
+        info = (await server.client.get("/info")).json()
+    assert info["memory"]["probe_status"] in {"complete", "cache_hit"}
+    assert info["speed"]["passes_observed"] >= 1
+    assert len(threads) >= 3  # load, probe passes, readiness check, the request
+    assert set(threads) == {"bge-trio-forward-0"}

@@ -168,3 +168,37 @@ def test_plan_includes_the_oldest_and_fits(
     assert all(0 <= i < len(lengths) for i in chosen)
     if len(chosen) > 1:
         assert policy.fits(len(chosen), max(lengths[i] for i in chosen))
+
+
+async def test_a_batch_does_not_wait_when_nobody_is_coming(tiny_encoder: Encoder) -> None:
+    gate = Gate(1)
+    gate.open()
+    scheduler = Scheduler(RecordingModel(tiny_encoder), gate, token_policy(10_000), batch_wait_s=30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        with trio.fail_after(10):  # far less than the 30 s batch wait
+            await scheduler.submit([[0, 5, 6, 2]], DENSE)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_waits_for_requests_still_being_tokenised(tiny_encoder: Encoder) -> None:
+    model = RecordingModel(tiny_encoder)
+    gate = Gate(1)
+    gate.open()
+    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=30)
+    first, second = [[0, 5, 6, 2]], [[0, 7, 8, 2]]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        async with trio.open_nursery() as clients:
+
+            async def late() -> None:
+                with scheduler.arriving():
+                    await trio.sleep(0.2)  # "tokenising" while the first text queues
+                await scheduler.submit(second, DENSE)
+
+            clients.start_soon(late)
+            await trio.sleep(0.05)
+            with trio.fail_after(10):
+                await scheduler.submit(first, DENSE)
+        nursery.cancel_scope.cancel()
+    assert model.batches == [[tuple(first[0]), tuple(second[0])]]

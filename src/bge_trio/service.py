@@ -147,16 +147,17 @@ class EmbeddingService:
         try:
             configure_allocator(self.settings.allocator)
             threads = max(1, cpu_count() // self.settings.workers)
-            self.encoder = await trio.to_thread.run_sync(self._load, threads)
+            # torch work runs where the forward passes will (see Scheduler.on_forward_thread)
+            self.encoder = await self.scheduler.on_forward_thread(self._load, threads)
             self._loaded_or_failed.set()
             self.status = "probing"
-            self.memory = await trio.to_thread.run_sync(self._plan_memory)
+            self.memory = await self.scheduler.on_forward_thread(self._plan_memory)
             self.scheduler.policy = BatchPolicy(
                 self.memory.cost,
                 self.memory.budget.workspace_bytes,
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
-            await trio.to_thread.run_sync(self._readiness_check)
+            await self.scheduler.on_forward_thread(self._readiness_check)
             self._publish_memory_metrics(self.memory)
             self.status = "ok"
             log.info(
@@ -332,10 +333,11 @@ class EmbeddingService:
                 param="model",
                 code="output_not_supported",
             )
-        if texts is not None:
-            ids = await trio.to_thread.run_sync(encoder.tokenize, texts)
-        else:
-            ids = self._check_token_ids(encoder, token_ids or [])
+        with self.scheduler.arriving():  # a batch about to start may wait for these texts
+            if texts is not None:
+                ids = await trio.to_thread.run_sync(encoder.tokenize, texts)
+            else:
+                ids = self._check_token_ids(encoder, token_ids or [])
         ids = self._fit_lengths(encoder, ids)
         timing = Timing()
         try:
@@ -428,6 +430,18 @@ class EmbeddingService:
                 ids = encoder.truncate(ids, fits)
             fitted.append(ids)
         return fitted
+
+    def speed(self) -> dict[str, object]:
+        """What the scheduler has learnt about forward passes (None until measured)."""
+        pace = self.scheduler.pace
+        line = pace.line()
+        rate = self.scheduler.tokens_per_s
+        return {
+            "passes_observed": pace.passes,
+            "pass_overhead_ms": None if line is None else round(line[0] * 1000, 3),
+            "pass_overhead_tokens": round(pace.overhead_tokens, 1),
+            "tokens_per_s": None if rate is None else round(rate, 1),
+        }
 
     def health(self) -> dict[str, object]:
         status: str = self.status

@@ -5,10 +5,16 @@ wasted work is the padding. The plan starts from the oldest waiting text (so no
 text waits forever behind a stream of better-fitting ones) and grows through its
 neighbours in length order, each time taking the neighbour that adds the least
 padding, while the predicted memory fits the budget and the optional token cap.
+
+Fitting is not enough: a 10-token query padded to a 300-token passage costs 30
+times its own work, far more than running it later with other queries. So a
+neighbour joins only if the padding it adds is no more work than the fixed cost of
+a pass of its own (``overhead_tokens``, measured by :mod:`bge_trio.scheduler.pace`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import attrs
@@ -40,11 +46,15 @@ class BatchPolicy:
         return self.cost.max_seq_within(self.workspace_bytes)
 
 
-def plan_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
+def plan_batch(
+    lengths: Sequence[int], policy: BatchPolicy, overhead_tokens: float = math.inf
+) -> list[int]:
     """Indices into ``lengths`` (oldest first) of the texts to run next.
 
     The oldest text is always included, even if it alone exceeds the policy: callers
     reject or truncate such texts before they queue, and a plan must make progress.
+    With ``overhead_tokens`` infinite (passes are expensive) every text that fits
+    joins; with a finite one, only texts that add at most that much padding.
     """
     if not lengths:
         return []
@@ -61,8 +71,8 @@ def plan_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
             longer = lengths[order[hi + 1]]
             options.append(((longer - width) * size, "hi", longer))
         grown = False
-        for _, side, new_width in sorted(options):
-            if policy.fits(size + 1, new_width):
+        for padding, side, new_width in sorted(options):
+            if padding <= overhead_tokens and policy.fits(size + 1, new_width):
                 if side == "lo":
                     lo -= 1
                 else:

@@ -1,0 +1,91 @@
+"""The pass-cost line the batch planner uses to weigh padding against an extra pass."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bge_trio.memory.cost import CostModel
+from bge_trio.scheduler.batching import BatchPolicy, plan_batch
+from bge_trio.scheduler.pace import PassPace
+
+
+def test_fits_the_line_through_observed_passes() -> None:
+    pace = PassPace()
+    for tokens in [16, 64, 256, 1024, 32, 512, 128, 8, 700, 48]:
+        pace.observe(tokens, 0.004 + 0.0002 * tokens)
+    line = pace.line()
+    assert line is not None
+    assert line[0] == pytest.approx(0.004, rel=1e-6)
+    assert line[1] == pytest.approx(0.0002, rel=1e-6)
+    assert pace.overhead_tokens == pytest.approx(20.0, rel=1e-6)
+
+
+def test_answers_the_prior_until_it_can_fit() -> None:
+    pace = PassPace(prior_tokens=32.0)
+    for tokens in [16, 512, 64]:
+        pace.observe(tokens, 0.004 + 0.0002 * tokens)
+    assert pace.line() is None  # too few passes
+    assert pace.overhead_tokens == 32.0
+    same = PassPace(prior_tokens=32.0)
+    for _ in range(20):
+        same.observe(256, 0.05)  # no spread of sizes: no slope to see
+    assert same.line() is None
+    assert same.overhead_tokens == 32.0
+
+
+def test_ignores_nonsense_and_follows_recent_passes() -> None:
+    pace = PassPace()
+    pace.observe(0, 1.0)
+    pace.observe(100, float("nan"))
+    pace.observe(100, -1.0)
+    assert pace.passes == 0
+    for _ in range(30):
+        for tokens in (16, 256, 1024):
+            pace.observe(tokens, 0.010 + 0.0001 * tokens)  # old machine: 100 tokens
+    for _ in range(300):
+        for tokens in (16, 256, 1024):
+            pace.observe(tokens, 0.002 + 0.0001 * tokens)  # now: 20 tokens
+    assert pace.overhead_tokens == pytest.approx(20.0, rel=0.01)
+
+
+def test_a_slope_that_is_not_positive_is_not_a_line() -> None:
+    pace = PassPace(prior_tokens=32.0)
+    for tokens in [16, 64, 256, 1024, 32, 512, 128, 8]:
+        pace.observe(tokens, 0.5 - 0.0001 * tokens)
+    assert pace.line() is None
+    assert pace.overhead_tokens == 32.0
+
+
+ROOMY = BatchPolicy(CostModel(1.0, 0.0), 1e9)
+
+
+def test_a_long_text_does_not_carry_short_ones_padded() -> None:
+    lengths = [300, 12, 14, 290, 11]  # oldest first
+    assert sorted(plan_batch(lengths, ROOMY, overhead_tokens=20)) == [0, 3]
+    # the next plan, without those two, groups the short queries together
+    assert sorted(plan_batch([12, 14, 11], ROOMY, overhead_tokens=20)) == [0, 1, 2]
+    # when passes are expensive (or unknown), everything that fits rides along
+    assert sorted(plan_batch(lengths, ROOMY)) == [0, 1, 2, 3, 4]
+
+
+def test_a_short_anchor_does_not_pad_itself_to_a_passage() -> None:
+    assert plan_batch([12, 150], ROOMY, overhead_tokens=40) == [0]
+    assert sorted(plan_batch([12, 40], ROOMY, overhead_tokens=40)) == [0, 1]
+
+
+@given(
+    lengths=st.lists(st.integers(1, 512), min_size=1, max_size=60),
+    overhead=st.floats(0, 600),
+)
+def test_each_join_adds_at_most_the_overhead_in_padding(
+    lengths: list[int], overhead: float
+) -> None:
+    chosen = plan_batch(lengths, ROOMY, overhead_tokens=overhead)
+    assert 0 in chosen
+    # replay the growth in the order the planner takes (closest lengths first):
+    # the batch's total padding never exceeds one overhead per joined text
+    width = max(lengths[i] for i in chosen)
+    padding = sum(width - lengths[i] for i in chosen)
+    assert padding <= overhead * (len(chosen) - 1) + 1e-9
