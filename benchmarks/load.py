@@ -5,8 +5,11 @@
 For each scenario (concurrency 1, 4, 16, 64; requests of 1 or 32 texts) a trio + httpx
 load generator drives a live ``bge-trio serve`` on 127.0.0.1 for a fixed time and
 records throughput and latency. The ideal is the same corpus through the same
-model in this process: length-sorted, batched 32 at a time, with the same thread
-count. Writes docs/performance.json, docs/performance-table.md and two plots.
+model in this process: length-sorted, in batches of at most 1024 padded tokens,
+with the same threads, measured before and after the server's run. Then the dtype
+variants (throughput and quality against fp32) and the thread arrangements (one
+pass on all cores against one pass per core). Writes docs/performance.json,
+docs/performance-table.md and docs/performance.png.
 """
 
 from __future__ import annotations
@@ -328,7 +331,7 @@ def main() -> None:
             variant["server_c16x32"]["tokens_per_s"] / base["server_c16x32"]["tokens_per_s"]
         )
     report["m3_heads_quality"] = m3_heads_quality(dtypes)
-    report["workers"] = compare_workers(args.model, texts, args.seconds, report)
+    report["workers"] = compare_workers(args.model, texts, args.seconds)
     DOCS.mkdir(exist_ok=True)
     (DOCS / "performance.json").write_text(json.dumps(report, indent=2) + "\n")
     (DOCS / "performance-table.md").write_text(table(report))
@@ -336,9 +339,7 @@ def main() -> None:
     print(table(report))
 
 
-def compare_workers(
-    model: str, texts: list[str], seconds: float, report: dict[str, Any]
-) -> list[dict[str, Any]]:
+def compare_workers(model: str, texts: list[str], seconds: float) -> list[dict[str, Any]]:
     """fp32 with one forward pass on all cores against one pass per core, single-threaded."""
     rows = []
     cores = cpu_count()

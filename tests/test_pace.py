@@ -84,8 +84,8 @@ def test_each_join_adds_at_most_the_overhead_in_padding(
 ) -> None:
     chosen = plan_batch(lengths, ROOMY, overhead_tokens=overhead)
     assert 0 in chosen
-    # replay the growth in the order the planner takes (closest lengths first):
-    # the batch's total padding never exceeds one overhead per joined text
+    # each join adds at most `overhead` padding, so the batch holds at most one
+    # overhead of padding per text that joined the oldest
     width = max(lengths[i] for i in chosen)
     padding = sum(width - lengths[i] for i in chosen)
     assert padding <= overhead * (len(chosen) - 1) + 1e-9
