@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 import trio
@@ -79,13 +80,7 @@ def main() -> None:
         cost = plan.cost
 
         # cache-hit start: a fresh service start (model load + cache hit + readiness)
-        hit_settings = Settings(
-            model=args.model,
-            max_seq_length=args.max_seq,
-            cache_dir=Path(cache_dir),
-            probe="auto",
-            allocator=args.allocator,
-        )
+        hit_settings = attrs.evolve(settings, probe="auto")
         load_again = time.perf_counter()
         Encoder.load(source, max_seq_length=args.max_seq, threads=threads)
         load_warm_s = time.perf_counter() - load_again

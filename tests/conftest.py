@@ -25,11 +25,18 @@ from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.service import EmbeddingService
 from bge_trio.testing import build_tiny_m3
+from tests.reference import ReferenceM3
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_m3(tmp_path_factory.mktemp("tiny-m3"))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path) -> ReferenceM3:
+    """The independent BGE-M3 implementation the server is checked against."""
+    return ReferenceM3(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

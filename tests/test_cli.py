@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,8 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 
@@ -39,6 +42,7 @@ def _bge_trio() -> list[str]:
 
 
 def _wait_for_url(process: subprocess.Popen[str], lines: list[str]) -> str:
+    """The server's URL from its startup log; every stderr line is kept in ``lines``."""
     assert process.stderr is not None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -66,25 +70,44 @@ def _wait_healthy(url: str) -> None:
     raise AssertionError("server never became healthy")
 
 
-def test_serve_answers_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"],
-        env=_env(tmp_path),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@attrs.frozen
+class Served:
+    process: subprocess.Popen[str]
+    url: str
+    stderr: list[str]  # the server's log so far (it keeps growing)
+
+
+@contextlib.contextmanager
+def _serving(command: list[str], env: dict[str, str]) -> Iterator[Served]:
+    """Start a server process and wait until it is healthy; stop it if the test leaves it up.
+
+    SIGTERM first: hypercorn's parent process passes it to its worker processes, which a
+    kill would leave behind.
+    """
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     try:
         url = _wait_for_url(process, lines)
         _wait_healthy(url)
-        r = httpx.post(url + "/v1/embeddings", json={"input": ["hello", "world"]})
-        assert r.status_code == 200
-        assert len(r.json()["data"]) == 2
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        yield Served(process, url, lines)
     finally:
         if process.poll() is None:
-            process.kill()
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_serve_answers_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    command = [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
+    with _serving(command, _env(tmp_path)) as server:
+        r = httpx.post(server.url + "/v1/embeddings", json={"input": ["hello", "world"]})
+        assert r.status_code == 200
+        assert len(r.json()["data"]) == 2
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
 
 
 def test_console_script_is_installed() -> None:
@@ -160,24 +183,9 @@ def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> Non
 
 
 def test_plain_hypercorn_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        HYPERCORN,
-        env=_env(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir)),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    try:
-        url = _wait_for_url(process, lines)
-        _wait_healthy(url)
-        r = httpx.post(url + "/v1/sparse-embeddings", json={"input": "hello"})
+    with _serving(HYPERCORN, _env(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir))) as server:
+        r = httpx.post(server.url + "/v1/sparse-embeddings", json={"input": "hello"})
         assert r.status_code == 200
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_memory_too_small_exits_3_with_the_numbers(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -213,21 +221,14 @@ def test_probe_command_prints_the_fit_and_writes_the_cache(
 
 
 def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"],
-        env=_env(tmp_path, BGE_TRIO_BATCH_WAIT_MS="0"),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
+    command = [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
     results: list[tuple[int, float]] = []
     text = "the quick brown fox jumps over the lazy dog " * 50
-    try:
-        url = _wait_for_url(process, lines)
-        _wait_healthy(url)
+    with _serving(command, _env(tmp_path, BGE_TRIO_BATCH_WAIT_MS="0")) as server:
 
         def client() -> None:
-            r = httpx.post(url + "/v1/colbert-embeddings", json={"input": [text] * 48}, timeout=120)
+            body = {"input": [text] * 48}
+            r = httpx.post(server.url + "/v1/colbert-embeddings", json=body, timeout=120)
             results.append((r.status_code, time.monotonic()))
 
         threads = [threading.Thread(target=client) for _ in range(8)]
@@ -235,13 +236,10 @@ def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Pat
             t.start()
         time.sleep(0.5)  # all sent, most still queued behind one worker
         signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=120)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
+        assert server.process.wait(timeout=60) == 0
     assert [status for status, _ in results] == [200] * 8
     assert max(done for _, done in results) > signalled  # some were in flight at SIGTERM
 
@@ -249,27 +247,19 @@ def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Pat
 def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    process = subprocess.Popen(
-        [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0", "--processes", "2"],
-        env=_env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom")),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    command = [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
     (tmp_path / "prom").mkdir()
-    lines: list[str] = []
-    try:
-        url = _wait_for_url(process, lines)
-        _wait_healthy(url)
-        with httpx.Client(base_url=url) as client:
-            for _ in range(2):
-                assert _wait_all_healthy(client)
-            for _ in range(20):  # new connections spread over both processes
-                with httpx.Client(base_url=url) as fresh:
-                    assert fresh.post("/v1/embeddings", json={"input": "x"}).status_code == 200
-            text = client.get("/metrics").text
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    env = _env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    with (
+        _serving([*command, "--processes", "2"], env) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        for _ in range(2):
+            assert _wait_all_healthy(client)
+        for _ in range(20):  # new connections spread over both processes
+            with httpx.Client(base_url=server.url) as fresh:
+                assert fresh.post("/v1/embeddings", json={"input": "x"}).status_code == 200
+        text = client.get("/metrics").text
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

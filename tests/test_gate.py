@@ -34,9 +34,9 @@ class ControllableProbe:
             raise RuntimeError("probe blew up")
         return MemoryPlan("complete", CostModel(20_000.0, 4.0), budget)
 
-
-async def _wait_for(event: threading.Event) -> None:
-    assert await trio.to_thread.run_sync(event.wait, 30)
+    async def wait_started(self) -> None:
+        """Wait (off the event loop) until the server's startup is inside the probe."""
+        assert await trio.to_thread.run_sync(self.started.wait, 30)
 
 
 async def test_request_during_probe_waits_then_succeeds(
@@ -44,7 +44,7 @@ async def test_request_during_probe_waits_then_succeeds(
 ) -> None:
     probe = ControllableProbe()
     async with running_server(settings_for(tiny_model_dir), ready=False, planner=probe) as server:
-        await _wait_for(probe.started)
+        await probe.wait_started()
         health = await server.client.get("/health")
         assert health.status_code == 503
         assert health.json() == {"status": "probing"}
@@ -86,7 +86,7 @@ async def test_startup_wait_expires_with_503_and_retry_after(
     probe = ControllableProbe()
     settings = settings_for(tiny_model_dir, startup_wait_s=0.2)
     async with running_server(settings, ready=False, planner=probe) as server:
-        await _wait_for(probe.started)
+        await probe.wait_started()
         r = await server.client.post("/v1/embeddings", json={"input": "too early"})
         assert r.status_code == 503
         assert r.headers["retry-after"].isdigit()

@@ -22,17 +22,13 @@ from tests.test_gate import ControllableProbe
 MARKER = 77  # a token id the faulty model refuses
 
 
-async def _started(probe: ControllableProbe) -> None:
-    assert await trio.to_thread.run_sync(probe.started.wait, 30)
-
-
 async def test_overload_is_429_with_retry_after_and_no_5xx(
     tiny_model_dir: Path, settings_for: Any
 ) -> None:
     probe = ControllableProbe()
     settings = settings_for(tiny_model_dir, max_queue_items=8, startup_wait_s=60)
     async with running_server(settings, ready=False, planner=probe) as server:
-        await _started(probe)
+        await probe.wait_started()
         statuses: list[int] = []
         retry_after: list[str] = []
 
@@ -87,7 +83,7 @@ async def test_deadline_passes_and_texts_never_reach_the_model(
     probe = ControllableProbe()
     settings = settings_for(tiny_model_dir, request_timeout_s=0.3, startup_wait_s=60)
     async with running_server(settings, ready=False, planner=probe) as server:
-        await _started(probe)
+        await probe.wait_started()
         r = await server.client.post("/v1/embeddings", json={"input": ["late"] * 3})
         assert r.status_code == 504
         assert r.json()["error"]["code"] == "request_timeout"
@@ -104,7 +100,7 @@ async def test_disconnected_client_texts_are_dropped(
     probe = ControllableProbe()
     settings = settings_for(tiny_model_dir, startup_wait_s=60)
     async with running_server(settings, ready=False, planner=probe) as server:
-        await _started(probe)
+        await probe.wait_started()
         async with httpx.AsyncClient(base_url=server.url, timeout=0.3) as impatient:
             with pytest.raises(httpx.TimeoutException):
                 await impatient.post("/v1/embeddings", json={"input": ["gone"] * 5})

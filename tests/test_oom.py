@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import threading
 import uuid
@@ -15,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_cli import _env, _wait_for_url, _wait_healthy
+from tests.test_cli import _env, _serving
 
 V1 = Path("/sys/fs/cgroup/memory")
 LIMIT = 1024 << 20
@@ -51,22 +49,15 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
 ) -> None:
     server = [sys.executable, "-m", "bge_trio.cli", "serve", "--model", "bundled", "--port", "0"]
     command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
-    process = subprocess.Popen(
-        ["sh", "-c", command],
-        env=_env(
-            tmp_path,
-            BGE_TRIO_PROBE="auto",
-            BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
-            BGE_TRIO_MAX_QUEUE_ITEMS="512",
-        ),
-        stderr=subprocess.PIPE,
-        text=True,
+    env = _env(
+        tmp_path,
+        BGE_TRIO_PROBE="auto",
+        BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
+        BGE_TRIO_MAX_QUEUE_ITEMS="512",
     )
-    lines: list[str] = []
     statuses: list[int] = []
-    try:
-        url = _wait_for_url(process, lines)
-        _wait_healthy(url)
+    with _serving(["sh", "-c", command], env) as served:
+        url = served.url
         health = httpx.get(url + "/health").json()
         assert health["memory_limit_bytes"] == LIMIT
         assert health["memory_limit_source"].startswith("cgroup1:")
@@ -83,15 +74,8 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
             t.start()
         for t in threads:
             t.join(timeout=600)
-        assert process.poll() is None, "the server died:\n" + "".join(lines[-20:])
+        assert served.process.poll() is None, "the server died:\n" + "".join(served.stderr[-20:])
         assert httpx.get(url + "/health").status_code == 200
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
     oom = dict(
         line.split() for line in (memory_cgroup / "memory.oom_control").read_text().splitlines()
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +17,6 @@ TEXTS = [
     "Hybrid retrieval combines dense, sparse and multi-vector scores, and the cat agrees.",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> ReferenceM3:
-    return ReferenceM3(tiny_model_dir)
 
 
 def _b64(s: str) -> np.ndarray:

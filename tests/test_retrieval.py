@@ -20,11 +20,6 @@ DOCUMENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> ReferenceM3:
-    return ReferenceM3(tiny_model_dir)
-
-
 def _expected(reference: ReferenceM3, weights: list[float]) -> list[dict[int, dict[str, float]]]:
     q = reference.encode(QUERIES)
     d = reference.encode(DOCUMENTS)
