@@ -149,7 +149,7 @@ def plan_memory(
     progress: Progress | None = None,
     meter: PeakMeter | None = None,
 ) -> MemoryPlan:
-    """Decide the cost model (synchronous; run it in a worker thread)."""
+    """Decide the cost model (synchronous; run it off the event loop)."""
     if settings.cost_a is not None and settings.cost_b is not None:
         plan = MemoryPlan(
             "disabled",
