@@ -202,3 +202,23 @@ async def test_a_batch_waits_for_requests_still_being_tokenised(tiny_encoder: En
                 await scheduler.submit(first, DENSE)
         nursery.cancel_scope.cancel()
     assert model.batches == [[tuple(first[0]), tuple(second[0])]]
+
+
+async def test_short_texts_do_not_ride_padded_with_a_long_one(tiny_encoder: Encoder) -> None:
+    model = RecordingModel(tiny_encoder)
+    gate = Gate(1)
+    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    rng = np.random.default_rng(0)
+    long, short = [_text(rng, 200)], [_text(rng, n) for n in (5, 6, 7)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        async with trio.open_nursery() as clients:
+            clients.start_soon(scheduler.submit, long, DENSE)
+            await trio.sleep(0.05)
+            clients.start_soon(scheduler.submit, short, DENSE)
+            await trio.sleep(0.05)  # both queued behind the closed gate
+            gate.open()
+        nursery.cancel_scope.cancel()
+    # the budget would fit all four in one pass; the padding would cost ~580 tokens
+    assert [len(batch) for batch in model.batches] == [1, 3]
+    assert model.batches[0] == [tuple(long[0])]
