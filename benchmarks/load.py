@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import trio
 
+from bge_trio.cgroups import cpu_count
 from bge_trio.memory.allocator import configure_allocator
-from bge_trio.memory.plan import cpu_count
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import resolve_model
 

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import trio
 
+from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
 from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.cost import CostModel
-from bge_trio.memory.plan import cpu_count, measure_budget, plan_memory, synthetic_forward
+from bge_trio.memory.plan import measure_budget, plan_memory, synthetic_forward
 from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import resolve_model

@@ -46,6 +46,7 @@ class Settings:
     probe: ProbeMode = "auto"
     cost_a: float | None = None
     cost_b: float | None = None
+    cost_c: float = 0.0
     cache_dir: Path = attrs.field(factory=lambda: _default_cache_dir(os.environ))
     batch_wait_ms: float = 2.0
     max_batch_tokens: int | None = 1024
@@ -88,6 +89,7 @@ class Settings:
             probe=r.get("PROBE", _choice("auto", "off", "force"), "auto"),
             cost_a=cost_a,
             cost_b=cost_b,
+            cost_c=r.get("COST_C", _float(0.0, 1e13), 0.0),
             cache_dir=r.get("CACHE_DIR", _path, _default_cache_dir(env)),
             batch_wait_ms=r.get("BATCH_WAIT_MS", _float(0.0, 1000.0), 2.0),
             max_batch_tokens=r.get("MAX_BATCH_TOKENS", _int(8, 1 << 31), 1024),

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 
+from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
 from bge_trio.memory.allocator import configure_allocator
-from bge_trio.memory.cost import Point
 from bge_trio.memory.plan import (
     MemoryTooSmallError,
     check_fits,
-    cpu_count,
     measure_budget,
     plan_memory,
 )
+from bge_trio.memory.probe import ProbeProgress
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource
 
@@ -40,10 +40,12 @@ def run_probe_command(settings: Settings, source: ModelSource) -> int:
         file=out,
     )
 
-    def progress(done: int, total: int, point: Point) -> None:
+    def progress(step: ProbeProgress) -> None:
+        point = step.point
         print(
-            f"  [{done}/{total}] batch {point.batch:>4} x seq {point.seq:>5}: "
-            f"{point.peak_bytes / MIB:9.1f} MiB",
+            f"  [{step.done}/{step.total}] batch {point.batch:>4} x seq {point.seq:>5}: "
+            f"{point.peak_bytes / MIB:9.1f} MiB  ({step.elapsed_s:.1f}s, "
+            f"~{step.remaining_s:.0f}s to go)",
             file=out,
             flush=True,
         )
@@ -73,7 +75,8 @@ def run_probe_command(settings: Settings, source: ModelSource) -> int:
                 file=out,
             )
     print(
-        f"\nfit: a = {plan.cost.a:.1f} bytes/token, b = {plan.cost.b:.3f} bytes/token^2",
+        f"\nfit: a = {plan.cost.a:.1f} bytes/token, b = {plan.cost.b:.3f} bytes/token^2, "
+        f"c = {plan.cost.c:.0f} bytes/pass",
         file=out,
     )
     if plan.detail:

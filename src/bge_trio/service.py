@@ -27,19 +27,20 @@ import numpy.typing as npt
 import trio
 
 from bge_trio import metrics
+from bge_trio.cgroups import CpuLimit, detect_cpu_limit
 from bge_trio.config import Settings
 from bge_trio.errors import ApiError, invalid, unavailable
 from bge_trio.memory.allocator import configure_allocator
-from bge_trio.memory.cost import CONSERVATIVE, Point
+from bge_trio.memory.cost import CONSERVATIVE
 from bge_trio.memory.plan import (
     MemoryPlan,
     MemoryTooSmallError,
     Planner,
     check_fits,
-    cpu_count,
     measure_budget,
     plan_memory,
 )
+from bge_trio.memory.probe import ProbeProgress
 from bge_trio.model.encoder import (
     Embedding,
     Encoder,
@@ -117,6 +118,8 @@ class EmbeddingService:
         self.encoder: Encoder | None = None
         self.memory: MemoryPlan | None = None
         self.error: str | None = None
+        self.cpu: CpuLimit | None = None
+        self.probe_progress: ProbeProgress | None = None
         self.failed = trio.Event()  # set when startup fails for good
         self._loaded_or_failed = trio.Event()
 
@@ -146,7 +149,8 @@ class EmbeddingService:
         """Load the model, plan memory, check readiness, then open the gate (always)."""
         try:
             configure_allocator(self.settings.allocator)
-            threads = max(1, cpu_count() // self.settings.workers)
+            self.cpu = detect_cpu_limit(self.root)
+            threads = max(1, self.cpu.threads // self.settings.workers)
             # torch work runs where the forward passes will (see Scheduler.on_forward_thread)
             self.encoder = await self.scheduler.on_forward_thread(self._load, threads)
             self._loaded_or_failed.set()
@@ -161,11 +165,12 @@ class EmbeddingService:
             self._publish_memory_metrics(self.memory)
             self.status = "ok"
             log.info(
-                "ready: model %s, probe %s, a=%.0f b=%.2f, budget %d bytes per forward",
+                "ready: model %s, probe %s, a=%.0f b=%.2f c=%.0f, budget %d bytes per forward",
                 self.info.name,
                 self.memory.status,
                 self.memory.cost.a,
                 self.memory.cost.b,
+                self.memory.cost.c,
                 self.memory.budget.workspace_bytes,
             )
         except Exception as exc:
@@ -213,14 +218,17 @@ class EmbeddingService:
             budget.workspace_bytes,
         )
 
-        def progress(done: int, total: int, point: Point) -> None:
+        def progress(step: ProbeProgress) -> None:
+            self.probe_progress = step
             log.info(
-                "probe %d/%d: batch %d x %d tokens peaked at %d bytes",
-                done,
-                total,
-                point.batch,
-                point.seq,
-                point.peak_bytes,
+                "probe %d/%d: batch %d x %d tokens peaked at %d bytes (%.1fs so far, ~%.0fs to go)",
+                step.done,
+                step.total,
+                step.point.batch,
+                step.point.seq,
+                step.point.peak_bytes,
+                step.elapsed_s,
+                step.remaining_s,
             )
 
         try:
@@ -238,6 +246,7 @@ class EmbeddingService:
             metrics.PROBE_STATUS.labels(status).set(1 if status == plan.status else 0)
         metrics.COST_A.set(plan.cost.a)
         metrics.COST_B.set(plan.cost.b)
+        metrics.COST_C.set(plan.cost.c)
         metrics.MEMORY_LIMIT.set(plan.budget.limit.bytes)
         metrics.FORWARD_BUDGET.set(plan.budget.workspace_bytes)
 
@@ -452,6 +461,14 @@ class EmbeddingService:
             body["consecutive_failures"] = self.scheduler.consecutive_failures
             body["queued_items"] = self.scheduler.queued_items
             body["queued_tokens"] = self.scheduler.queued_tokens
+        if self.status == "probing" and self.probe_progress is not None:
+            step = self.probe_progress
+            body["probe_progress"] = {
+                "shape": step.done,
+                "of": step.total,
+                "seconds": round(step.elapsed_s, 1),
+                "estimate_remaining_s": round(step.remaining_s, 1),
+            }
         if self.error:
             body["error"] = self.error
         if self.memory is not None:

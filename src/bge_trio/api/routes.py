@@ -248,6 +248,13 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
             "max_batch": service.settings.max_batch,
             "truncate": service.settings.truncate,
         }
+        if service.cpu is not None:
+            body["cpu"] = {
+                "threads": service.cpu.threads,
+                "cpus": service.cpu.cpus,
+                "affinity": service.cpu.affinity,
+                "source": service.cpu.source,
+            }
         if service.encoder is not None:
             info = service.info
             body.update(

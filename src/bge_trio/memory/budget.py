@@ -4,7 +4,7 @@ The limit is found, first match wins, from: ``BGE_TRIO_MEMORY_LIMIT_BYTES``; the
 cgroup v2 ``memory.max`` of this process's group and every ancestor (the smallest
 number; ``max`` means none); the cgroup v1 ``memory.limit_in_bytes`` (absurdly large
 values mean none); ``MemAvailable`` in /proc/meminfo. Every path is read below a
-``root`` so tests can point it at a fake tree.
+``root`` so tests can point it at a fake tree (see :mod:`bge_trio.cgroups`).
 
 The workspace of one forward pass is what is left after every process's resident
 model and a fixed headroom, times a safety factor, shared between every forward
@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
+
+from bge_trio.cgroups import group_of, is_v2, read_int, walk_up
 
 # cgroup v1 reports "no limit" as a page-rounded LONG_MAX; anything this large is none.
 V1_UNLIMITED = 1 << 60
@@ -41,60 +43,13 @@ def detect_memory_limit(root: Path = Path("/"), override: int | None = None) -> 
     return MemoryLimit(_mem_available(root), "meminfo")
 
 
-def _own_cgroups(root: Path) -> list[tuple[str, str]]:
-    """(controllers, path) pairs from /proc/self/cgroup."""
-    try:
-        text = (root / "proc/self/cgroup").read_text()
-    except OSError:
-        return []
-    pairs = []
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            pairs.append((parts[1], parts[2]))
-    return pairs
-
-
-def _walk_up(mount: Path, group: str) -> list[Path]:
-    """The group's directory under the mount and each ancestor up to the mount itself.
-
-    Inside a container with a private cgroup namespace the group path may not exist
-    under the mount (the mount *is* the group); the mount root is always included.
-    """
-    dirs = []
-    current = mount / group.lstrip("/")
-    while True:
-        if current.is_dir():
-            dirs.append(current)
-        if current == mount or mount not in current.parents:
-            break
-        current = current.parent
-    if mount not in dirs and mount.is_dir():
-        dirs.append(mount)
-    return dirs
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        raw = path.read_text().strip()
-    except OSError:
-        return None
-    if raw == "max":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        return None
-
-
 def _cgroup2_limit(root: Path) -> MemoryLimit | None:
     mount = root / "sys/fs/cgroup"
-    if not (mount / "cgroup.controllers").is_file():
+    if not is_v2(root):
         return None
-    group = next((path for ctl, path in _own_cgroups(root) if ctl == ""), "/")
     best: tuple[int, Path] | None = None
-    for directory in _walk_up(mount, group):
-        value = _read_int(directory / "memory.max")
+    for directory in walk_up(mount, group_of(root, "")):
+        value = read_int(directory / "memory.max")
         if value is not None and (best is None or value < best[0]):
             best = (value, directory)
     if best is None:
@@ -106,10 +61,9 @@ def _cgroup1_limit(root: Path) -> MemoryLimit | None:
     mount = root / "sys/fs/cgroup/memory"
     if not mount.is_dir():
         return None
-    group = next((path for ctl, path in _own_cgroups(root) if "memory" in ctl.split(",")), "/")
     best: tuple[int, Path] | None = None
-    for directory in _walk_up(mount, group):
-        value = _read_int(directory / "memory.limit_in_bytes")
+    for directory in walk_up(mount, group_of(root, "memory")):
+        value = read_int(directory / "memory.limit_in_bytes")
         if value is None or value >= V1_UNLIMITED:
             continue
         if best is None or value < best[0]:
@@ -136,6 +90,12 @@ class Budget:
     safety: float
     workers: int
     processes: int
+    weights_bytes: int = 0  # of model_resident_bytes, the weights (all of them resident)
+
+    @property
+    def runtime_bytes(self) -> int:
+        """The rest of the resident size: interpreter, torch, tokenizer, buffers."""
+        return max(0, self.model_resident_bytes - self.weights_bytes)
 
     @property
     def concurrent_forwards(self) -> int:

@@ -27,7 +27,7 @@ import attrs
 from bge_trio.memory.cost import CostModel, Point
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2  # 2: bf16 means bf16 weights (was autocast)
+SCHEMA_VERSION = 3  # 2: bf16 means bf16 weights (was autocast); 3: a per-pass constant c
 
 
 @attrs.frozen
@@ -103,8 +103,8 @@ class ProbeCache:
             if data["key"] != dict(key.fields):
                 log.warning("probe cache %s belongs to another configuration; ignoring", path)
                 return None
-            model = CostModel(float(data["a"]), float(data["b"]))
-            if not (model.a > 0 and model.b >= 0):
+            model = CostModel(float(data["a"]), float(data["b"]), float(data.get("c", 0.0)))
+            if not (model.a > 0 and model.b >= 0 and model.c >= 0):
                 raise ValueError("non-positive coefficients")
             points = tuple(
                 Point(int(p["batch"]), int(p["seq"]), int(p["peak_bytes"]))
@@ -123,6 +123,7 @@ class ProbeCache:
             "key": dict(key.fields),
             "a": model.a,
             "b": model.b,
+            "c": model.c,
             "method": method,
             "points": [attrs.asdict(p) for p in points],
         }

@@ -11,7 +11,6 @@ together (hypercorn ``--workers N``) wait for one probe and reuse its result.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,6 +35,10 @@ from bge_trio.memory.probe import (
 from bge_trio.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
+
+# The probe measures a two-layer copy of the model (see Encoder.shallow): the same peak
+# as the full depth, at a fraction of the time.
+PROBE_LAYERS = 2
 
 ProbeStatus = Literal["running", "complete", "failed", "cache_hit", "disabled"]
 
@@ -77,10 +80,13 @@ class MemoryPlan:
             "probe_detail": self.detail,
             "cost_a_bytes_per_token": self.cost.a,
             "cost_b_bytes_per_token2": self.cost.b,
+            "cost_c_bytes_per_pass": self.cost.c,
             "measured_points": len(self.points),
             "memory_limit_bytes": b.limit.bytes,
             "memory_limit_source": b.limit.source,
             "model_resident_bytes": b.model_resident_bytes,
+            "resident_weights_bytes": b.weights_bytes,
+            "resident_runtime_bytes": b.runtime_bytes,
             "per_forward_budget_bytes": b.workspace_bytes,
             "concurrent_forwards": b.concurrent_forwards,
             "worst_case_peak_share": round(worst / b.limit.bytes, 4) if b.limit.bytes else None,
@@ -124,11 +130,14 @@ def synthetic_forward(encoder: Encoder) -> Callable[[int, int], object]:
 
 
 def measure_budget(encoder: Encoder, settings: Settings, root: Path = Path("/")) -> Budget:
-    """Warm the model up, hand freed memory back, and size the per-forward workspace.
+    """Make every weight resident, warm up, hand freed memory back, size the workspace.
 
-    The resident size is read after a warm-up pass and ``malloc_trim``, so it counts
-    the model and everything a pass keeps, but not a pass's transient peak.
+    The resident size is read after every weight page has been touched, a warm-up
+    pass and ``malloc_trim``: it counts all the weights (also pages of a 250k-token
+    vocabulary that traffic would otherwise fault in later), the tokenizer and the
+    runtime, and everything a pass keeps, but not a pass's transient peak.
     """
+    weights = encoder.touch_weights()
     encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
     malloc_trim()
     return Budget(
@@ -138,6 +147,7 @@ def measure_budget(encoder: Encoder, settings: Settings, root: Path = Path("/"))
         settings.memory_safety,
         settings.workers,
         settings.processes,
+        weights_bytes=weights,
     )
 
 
@@ -153,7 +163,7 @@ def plan_memory(
     if settings.cost_a is not None and settings.cost_b is not None:
         plan = MemoryPlan(
             "disabled",
-            CostModel(settings.cost_a, settings.cost_b),
+            CostModel(settings.cost_a, settings.cost_b, settings.cost_c),
             budget,
             detail="BGE_TRIO_COST_A/B set",
         )
@@ -181,7 +191,8 @@ def _probe_or_cache(
                 f"only {len(shapes)} probe shape(s) fit the per-forward budget of "
                 f"{budget.workspace_bytes} bytes"
             )
-        run = run_probe(synthetic_forward(encoder), shapes, meter=meter, progress=progress)
+        with encoder.shallow(PROBE_LAYERS):
+            run = run_probe(synthetic_forward(encoder), shapes, meter=meter, progress=progress)
         return MemoryPlan("complete", run.fit.model, budget, run.points, run.method, run.seconds)
 
     try:
@@ -222,18 +233,11 @@ def check_fits(plan: MemoryPlan, max_seq: int) -> None:
     raise MemoryTooSmallError(
         f"memory limit {budget.limit.bytes} bytes ({budget.limit.source}) is too small: "
         f"one text of {max_seq} tokens needs {need:.0f} bytes per forward pass "
-        f"(a={plan.cost.a:.0f}, "
-        f"b={plan.cost.b:.2f}) but the per-forward budget is {budget.workspace_bytes} bytes "
+        f"(a={plan.cost.a:.0f}, b={plan.cost.b:.2f}, c={plan.cost.c:.0f}) "
+        f"but the per-forward budget is {budget.workspace_bytes} bytes "
         f"after {budget.processes} x {budget.model_resident_bytes} bytes of model, "
         f"{budget.headroom_bytes} bytes headroom, safety {budget.safety} and "
         f"{budget.concurrent_forwards} concurrent forward passes. Raise the limit to at least "
         f"{budget.limit_needed_for(need)} bytes, or set BGE_TRIO_MAX_SEQ_LENGTH <= {longest}, "
         "or lower BGE_TRIO_WORKERS."
     )
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1

@@ -8,13 +8,15 @@ size at the start is what that shape costs. Where clear_refs cannot be written, 
 thread samples the resident size every millisecond instead (it can miss short
 spikes, so the status says which method was used).
 
-Shapes are chosen so that several have the same number of tokens B*S at
-different S: with B*S fixed, W = B*S*(a + b*S) is a straight line in S, which is
-what separates a from b. Every shape is repeated and the largest peak kept; a
-first warm-up pass is discarded (it pays one-off allocations).
+Shapes are chosen so that two have the same number of tokens B*S at different S
+(which separates the per-token from the per-token² term) and another has fewer
+tokens (which separates the per-pass constant). A first warm-up pass is discarded
+(it pays one-off allocations).
 
-This runs synchronously in a worker thread while the inference gate is closed,
-so no request's forward pass can disturb the measurements.
+This runs synchronously on the forward thread while the inference gate is closed,
+so no request's forward pass can disturb the measurements. The caller may run it
+on a depth-truncated model (see ``Encoder.shallow``): a pass frees each layer's
+intermediates before the next layer runs, so its peak is set by one layer at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import attrs
 from bge_trio.memory.cost import CONSERVATIVE, CostModel, Fit, Point, fit_cost_model
 
 Forward = Callable[[int, int], object]  # runs one (batch, seq) forward pass
-Progress = Callable[[int, int, "Point"], None]  # (done, total, point)
+Progress = Callable[["ProbeProgress"], None]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -116,28 +118,44 @@ def probe_shapes(
     max_seq: int,
     workspace: float,
     cost: CostModel = CONSERVATIVE,
-    divisors: Sequence[int] = (8, 4, 2, 1),
     min_tokens: int = 4096,
 ) -> list[tuple[int, int]]:
-    """(batch, seq) shapes with equal tokens at different lengths, plus (1, max_seq).
+    """Four (batch, seq) shapes that separate the three terms of the cost model.
 
-    Every shape of the grid holds ``max(max_seq, min_tokens)`` tokens: enough that
-    fixed per-pass allocations do not swamp the per-token cost. A shape the
-    conservative model says would not fit the workspace has its batch halved until
-    it does, and is skipped if even batch 1 does not fit.
+    The longest single text (1, max_seq); two shapes of ``max(max_seq, min_tokens)``
+    tokens at S = max_seq/4 and max_seq/16 (the same tokens at other lengths tell the
+    per-token² term from the per-token one); and a small padded batch of a quarter as
+    many tokens (another token count tells the per-pass constant from the rest). Every
+    batch but the first is padded, as real batches are. A shape the conservative
+    model says might not fit the workspace has its batch halved until it does, and is
+    skipped if even batch 1 does not fit.
     """
     tokens = max(max_seq, min_tokens)
+    wanted = [
+        (1, max_seq),
+        (tokens // max(8, max_seq // 4), max(8, max_seq // 4)),
+        (tokens // max(8, max_seq // 16), max(8, max_seq // 16)),
+        (2, max(8, max_seq // 8)),
+    ]
     shapes: list[tuple[int, int]] = []
-    for divisor in divisors:
-        seq = max(8, max_seq // divisor)
-        batch = max(1, tokens // seq)
+    for batch, seq in wanted:
+        batch = max(1, batch)
         while batch > 1 and cost.predict(batch, seq) > workspace:
             batch //= 2
         if cost.predict(batch, seq) <= workspace and (batch, seq) not in shapes:
             shapes.append((batch, seq))
-    if cost.predict(1, max_seq) <= workspace and (1, max_seq) not in shapes:
-        shapes.append((1, max_seq))
     return shapes
+
+
+@attrs.frozen
+class ProbeProgress:
+    """Where a running probe is: shape ``done`` of ``total``, and the time so far and to go."""
+
+    done: int
+    total: int
+    point: Point
+    elapsed_s: float
+    remaining_s: float
 
 
 @attrs.frozen
@@ -150,28 +168,43 @@ class ProbeRun:
     seconds: float
 
 
+def _work(batch: int, seq: int) -> float:
+    """Relative time of a pass: per token, plus attention that grows with S (for estimates)."""
+    return batch * seq * (1.0 + seq / 4096)
+
+
 def run_probe(
     forward: Forward,
     shapes: Sequence[tuple[int, int]],
     *,
-    repeats: int = 2,
+    repeats: int = 1,
     meter: PeakMeter | None = None,
     progress: Progress | None = None,
 ) -> ProbeRun:
-    """Measure every shape ``repeats`` times (keeping the max) and fit a and b.
+    """Measure every shape ``repeats`` times (keeping the max) and fit the cost model.
 
-    Raises SingularFitError when the shapes cannot separate the two terms.
+    One warm-up pass of the smallest shape first pays the one-off allocations. With the
+    weights resident and the predictable allocator, a shape peaks within 1 % of the
+    same size every time, so one measurement each is enough; the first run of a shape
+    is also its largest, which is the one kept.
+
+    Raises SingularFitError when the shapes cannot separate the terms.
     """
     meter = meter or PeakMeter()
     started = time.perf_counter()
     if shapes:
-        forward(*shapes[0])  # warm-up: one-off allocations, discarded
+        forward(*min(shapes, key=lambda shape: shape[0] * shape[1]))
+    total_work = sum(_work(*shape) for shape in shapes)
+    done_work = 0.0
     points = []
     for done, (batch, seq) in enumerate(shapes, start=1):
         peak = max(meter.measure(partial(forward, batch, seq)) for _ in range(repeats))
         point = Point(batch, seq, peak)
         points.append(point)
+        done_work += _work(batch, seq)
         if progress is not None:
-            progress(done, len(shapes), point)
+            elapsed = time.perf_counter() - started
+            remaining = elapsed * (total_work - done_work) / done_work if done_work else 0.0
+            progress(ProbeProgress(done, len(shapes), point, elapsed, remaining))
     fit = fit_cost_model(points)
     return ProbeRun(tuple(points), fit, meter.method, time.perf_counter() - started)

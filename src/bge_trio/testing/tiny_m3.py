@@ -1,10 +1,18 @@
-"""A tiny, randomly initialised model in the exact BGE-M3 directory layout.
+"""Randomly initialised models in the exact BGE-M3 directory layout.
 
-Real BGE-M3 is 2.2 GB; this one is a few hundred kilobytes and loads in well under
-a second, yet it goes through the very same loading code: an XLM-RoBERTa
-``config.json`` and safetensors weights, an ``XLMRobertaTokenizerFast``, and the
-``sparse_linear.pt`` / ``colbert_linear.pt`` heads. Its outputs are meaningless
-but deterministic for a given seed, which is what reference tests need.
+``build_tiny_m3``: real BGE-M3 is 2.2 GB; this one is a few hundred kilobytes and
+loads in well under a second, yet it goes through the very same loading code: an
+XLM-RoBERTa ``config.json`` and safetensors weights, an ``XLMRobertaTokenizerFast``,
+and the ``sparse_linear.pt`` / ``colbert_linear.pt`` heads. Its outputs are
+meaningless but deterministic for a given seed, which is what reference tests need.
+
+``build_full_m3``: BAAI/bge-m3's architecture and vocabulary size (250,002 x 1024
+embeddings, 24 layers of width 1024, 16 heads, feed-forward 4096, 8194 positions),
+random weights. It costs exactly the time and memory of the real model, so it is what
+speed and memory are measured on; its vectors mean nothing. ``layers`` makes a
+shallow variant (the full embedding matrix, fewer layers) for tests that need the
+whole vocabulary but not the depth. Its tokenizer is the tiny one: text covers a few
+hundred ids, token-id input reaches all 250,002.
 """
 
 from __future__ import annotations
@@ -26,17 +34,51 @@ _CORPUS = [
 ]
 
 
+# BAAI/bge-m3's config.json, the numbers that decide time and memory.
+M3_VOCAB_SIZE = 250_002
+M3_HIDDEN_SIZE = 1024
+M3_LAYERS = 24
+M3_HEADS = 16
+M3_INTERMEDIATE_SIZE = 4096
+M3_MAX_SEQ_LENGTH = 8192
+
+
+def build_full_m3(directory: Path, *, layers: int = M3_LAYERS, seed: int = 0) -> Path:
+    """Write a full-size BGE-M3 stand-in (random weights) into ``directory``.
+
+    The 24-layer model is 2.27 GB of fp32 safetensors and takes about 20 s to build.
+    """
+    return build_tiny_m3(
+        directory,
+        hidden_size=M3_HIDDEN_SIZE,
+        layers=layers,
+        heads=M3_HEADS,
+        intermediate_size=M3_INTERMEDIATE_SIZE,
+        max_seq_length=M3_MAX_SEQ_LENGTH,
+        model_vocab_size=M3_VOCAB_SIZE,
+        layer_norm_eps=1e-5,
+        seed=seed,
+    )
+
+
 def build_tiny_m3(
     directory: Path,
     *,
     hidden_size: int = 32,
     layers: int = 2,
     heads: int = 4,
+    intermediate_size: int | None = None,
     max_seq_length: int = 512,
     vocab_size: int = 250,
+    model_vocab_size: int | None = None,
+    layer_norm_eps: float = 1e-12,
     seed: int = 0,
 ) -> Path:
-    """Write the tiny model into ``directory`` (created if needed) and return it."""
+    """Write the tiny model into ``directory`` (created if needed) and return it.
+
+    ``vocab_size`` is what the tokenizer learns; ``model_vocab_size`` (default: the
+    tokenizer's) is the embedding matrix's row count.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import UnigramTrainer
     from transformers import (  # type: ignore[attr-defined]
@@ -77,11 +119,12 @@ def build_tiny_m3(
     fast.save_pretrained(str(directory))
 
     config = XLMRobertaConfig(
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=model_vocab_size or tok.get_vocab_size(),
         hidden_size=hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
+        layer_norm_eps=layer_norm_eps,
         max_position_embeddings=max_seq_length + 2,
         pad_token_id=1,
         bos_token_id=0,
