@@ -6,7 +6,10 @@ The server runs hypercorn's trio worker in the test's own trio run, bound to
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -107,3 +110,30 @@ async def running_server(
 async def tiny_server(tiny_model_dir: Path, settings_for: Any) -> AsyncIterator[Server]:
     async with running_server(settings_for(tiny_model_dir)) as server:
         yield server
+
+
+V1 = Path("/sys/fs/cgroup/memory")
+MEMORY_CGROUP_LIMIT = 1024 << 20
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a memory cgroup")
+    if not (V1 / "memory.limit_in_bytes").is_file():
+        pytest.skip("no writable cgroup v1 memory controller on this machine")
+    group = V1 / f"bge-trio-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(MEMORY_CGROUP_LIMIT))
+    except OSError as exc:
+        pytest.skip(f"cannot create a memory cgroup here: {exc}")
+    try:
+        yield group
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)

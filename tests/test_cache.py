@@ -188,7 +188,7 @@ def test_a_failed_cache_write_keeps_the_result_without_probing_again(
     ProbeCache(tmp_path).path_for(key).mkdir()  # the cache file's place is taken: writes fail
     measured: list[int] = []
     plan = plan_memory(
-        tiny_encoder, settings, _budget(), progress=lambda done, total, point: measured.append(done)
+        tiny_encoder, settings, _budget(), progress=lambda step: measured.append(step.done)
     )
     assert plan.status == "complete"
     assert measured == list(range(1, len(plan.points) + 1))  # one probe, not two

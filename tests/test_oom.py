@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
+from tests.conftest import MEMORY_CGROUP_LIMIT
 from tests.test_cli import _env, _serving
-
-V1 = Path("/sys/fs/cgroup/memory")
-LIMIT = 1024 << 20
-
-
-@pytest.fixture
-def memory_cgroup() -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a memory cgroup")
-    if not (V1 / "memory.limit_in_bytes").is_file():
-        pytest.skip("no writable cgroup v1 memory controller on this machine")
-    group = V1 / f"bge-trio-test-{uuid.uuid4().hex[:8]}"
-    try:
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(LIMIT))
-    except OSError as exc:
-        pytest.skip(f"cannot create a memory cgroup here: {exc}")
-    try:
-        yield group
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.1)
 
 
 def test_hammered_with_max_length_batches_inside_a_memory_limit(
@@ -59,7 +28,7 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
     with _serving(["sh", "-c", command], env) as served:
         url = served.url
         health = httpx.get(url + "/health").json()
-        assert health["memory_limit_bytes"] == LIMIT
+        assert health["memory_limit_bytes"] == MEMORY_CGROUP_LIMIT
         assert health["memory_limit_source"].startswith("cgroup1:")
         text = "memory safety under a hard limit " * 80  # past the 256-token maximum
 
@@ -84,4 +53,4 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
     assert set(statuses) <= {200, 413, 429}
     assert 200 in statuses
     peak = int((memory_cgroup / "memory.max_usage_in_bytes").read_text())
-    assert peak <= LIMIT
+    assert peak <= MEMORY_CGROUP_LIMIT

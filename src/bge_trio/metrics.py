@@ -42,6 +42,11 @@ PROBE_STATUS = Gauge(
 )
 COST_A = Gauge("bge_trio_cost_a_bytes_per_token", "cost model a", multiprocess_mode="max")
 COST_B = Gauge("bge_trio_cost_b_bytes_per_token2", "cost model b", multiprocess_mode="max")
+COST_CORRECTION = Gauge(
+    "bge_trio_cost_correction",
+    "factor served passes put on the cost model",
+    multiprocess_mode="max",
+)
 COST_C = Gauge("bge_trio_cost_c_bytes_per_pass", "cost model c", multiprocess_mode="max")
 MEMORY_LIMIT = Gauge("bge_trio_memory_limit_bytes", "memory limit", multiprocess_mode="max")
 FORWARD_BUDGET = Gauge(

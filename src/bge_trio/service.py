@@ -39,8 +39,10 @@ from bge_trio.memory.plan import (
     check_fits,
     measure_budget,
     plan_memory,
+    store_correction,
 )
-from bge_trio.memory.probe import ProbeProgress
+from bge_trio.memory.probe import PeakMeter, ProbeProgress
+from bge_trio.memory.recalibrate import Recalibrator
 from bge_trio.model.encoder import (
     Embedding,
     Encoder,
@@ -64,6 +66,8 @@ from bge_trio.scoring import MODES, Weights, combine, score_matrix
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "probing", "ok", "error"]
+# Served passes below this share of the workspace are not used to recalibrate.
+RECALIBRATE_MIN_SHARE = 0.05
 
 
 @attrs.frozen(eq=False)
@@ -113,7 +117,12 @@ class EmbeddingService:
             max_queue_tokens=settings.max_queue_tokens,
             max_wait_s=settings.request_timeout_s,
             observer=metrics.SchedulerMetrics(),
+            meter=PeakMeter(),
+            on_peak=self._pass_peaked,
         )
+        self.recalibrator = Recalibrator()
+        self._stored_correction = 1.0
+        self._nursery: trio.Nursery | None = None
         self.status: Status = "loading"
         self.encoder: Encoder | None = None
         self.memory: MemoryPlan | None = None
@@ -128,6 +137,7 @@ class EmbeddingService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the scheduler and the startup sequence until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self._supervise_scheduler)
             task_status.started()
             await self.start()
@@ -249,6 +259,48 @@ class EmbeddingService:
         metrics.COST_C.set(plan.cost.c)
         metrics.MEMORY_LIMIT.set(plan.budget.limit.bytes)
         metrics.FORWARD_BUDGET.set(plan.budget.workspace_bytes)
+
+    def _pass_peaked(self, batch: int, seq: int, peak: int) -> None:
+        """A served pass ran alone and peaked at ``peak`` bytes: compare with its prediction."""
+        plan = self.memory
+        if plan is None or self.status != "ok":
+            return
+        policy = self.scheduler.policy
+        # Passes this small are noise against the workspace; the target and the risk
+        # are in the large ones.
+        if peak < RECALIBRATE_MIN_SHARE * policy.workspace_bytes:
+            return
+        overrun = self.recalibrator.observe(batch, seq, peak, policy.cost.predict(batch, seq))
+        if overrun is None:
+            return
+        correction = self.recalibrator.correction
+        self.scheduler.policy = attrs.evolve(policy, cost=plan.cost.scaled(correction))
+        log.warning(
+            "a pass of %d x %d tokens peaked at %d bytes, %.0f%% above the %d predicted; "
+            "the cost model is now scaled by %.3f (the largest text that fits: %d tokens)",
+            batch,
+            seq,
+            peak,
+            100 * (overrun.ratio - 1),
+            overrun.predicted_bytes,
+            correction,
+            self.scheduler.policy.max_single_length(),
+        )
+        metrics.COST_CORRECTION.set(correction)
+        if self.recalibrator.statistics().confirmed and self._nursery is not None:
+            self._nursery.start_soon(self._keep_correction, plan, correction)
+
+    async def _keep_correction(self, plan: MemoryPlan, correction: float) -> None:
+        if correction <= self._stored_correction:
+            return
+        self._stored_correction = correction
+        try:
+            path = await trio.to_thread.run_sync(store_correction, plan, self.settings, correction)
+        except OSError as exc:
+            log.warning("could not keep the corrected cost model in the probe cache (%s)", exc)
+            return
+        if path is not None:
+            log.info("corrected cost model (x%.3f) kept in %s", correction, path)
 
     def _readiness_check(self) -> None:
         encoder = self._require_encoder()

@@ -269,6 +269,7 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
             )
         if service.memory is not None:
             body["memory"] = service.memory.report()
+            body["memory"]["drift"] = service.recalibrator.statistics().report()
         body["speed"] = service.speed()
         return json_response(body)
 

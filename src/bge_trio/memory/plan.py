@@ -22,7 +22,13 @@ import torch
 from bge_trio import __version__
 from bge_trio.config import Settings
 from bge_trio.memory.budget import Budget, detect_memory_limit
-from bge_trio.memory.cache import ProbeCache, cpu_identity, make_key, weights_fingerprint
+from bge_trio.memory.cache import (
+    CacheKey,
+    ProbeCache,
+    cpu_identity,
+    make_key,
+    weights_fingerprint,
+)
 from bge_trio.memory.cost import CONSERVATIVE, CostModel, Point
 from bge_trio.memory.probe import (
     PeakMeter,
@@ -64,6 +70,7 @@ class MemoryPlan:
     method: str | None = None
     probe_seconds: float | None = None
     detail: str | None = None
+    cache_key: CacheKey | None = None  # where a confirmed correction is kept
 
     @property
     def residuals(self) -> list[float]:
@@ -132,12 +139,12 @@ def synthetic_forward(encoder: Encoder) -> Callable[[int, int], object]:
 def measure_budget(encoder: Encoder, settings: Settings, root: Path = Path("/")) -> Budget:
     """Make every weight resident, warm up, hand freed memory back, size the workspace.
 
-    The resident size is read after every weight page has been touched, a warm-up
+    The resident size is read after every weight has been copied into memory, a warm-up
     pass and ``malloc_trim``: it counts all the weights (also pages of a 250k-token
     vocabulary that traffic would otherwise fault in later), the tokenizer and the
     runtime, and everything a pass keeps, but not a pass's transient peak.
     """
-    weights = encoder.touch_weights()
+    weights = encoder.make_weights_resident()
     encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
     malloc_trim()
     return Budget(
@@ -201,9 +208,12 @@ def _probe_or_cache(
                 hit = cache.load(key)
                 if hit is not None:
                     log.info("probe cache hit: %s", cache.path_for(key))
-                    return MemoryPlan("cache_hit", hit.model, budget, hit.points, hit.method)
+                    return MemoryPlan(
+                        "cache_hit", hit.model, budget, hit.points, hit.method, cache_key=key
+                    )
             plan = _failsafe(probe, budget)
             if plan.status == "complete":
+                plan = attrs.evolve(plan, cache_key=key)
                 try:
                     path = cache.store(key, plan.cost, plan.points, plan.method or "")
                     log.info("probe result cached in %s", path)
@@ -213,6 +223,19 @@ def _probe_or_cache(
     except OSError as exc:  # no lock, so no cache directory: probe without it
         log.warning("probe cache at %s unusable (%s); probing without it", cache.directory, exc)
         return _failsafe(probe, budget)
+
+
+def store_correction(plan: MemoryPlan, settings: Settings, correction: float) -> Path | None:
+    """Keep a confirmed recalibration in the probe cache, so the next start begins with it.
+
+    Only for plans that came from the cache or a probe (an explicit model is the
+    operator's). Synchronous file I/O: call it from a worker thread.
+    """
+    if plan.cache_key is None:
+        return None
+    cache = ProbeCache(settings.cache_dir)
+    corrected = plan.cost.scaled(correction)
+    return cache.store(plan.cache_key, corrected, plan.points, "recalibrated")
 
 
 def _failsafe(probe: Callable[[], MemoryPlan], budget: Budget) -> MemoryPlan:

@@ -28,11 +28,13 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
 from bge_trio.memory.cost import CONSERVATIVE, CostModel, Fit, Point, fit_cost_model
 
+T = TypeVar("T")
 Forward = Callable[[int, int], object]  # runs one (batch, seq) forward pass
 Progress = Callable[["ProbeProgress"], None]
 
@@ -82,19 +84,28 @@ class PeakMeter:
         self.method = method or ("vmhwm" if _can_reset_hwm() else "sampling")
 
     def measure(self, fn: Callable[[], object]) -> int:
-        malloc_trim()
+        return self.measure_call(fn)[1]
+
+    def measure_call(self, fn: Callable[[], T], *, trim: bool = True) -> tuple[T, int]:
+        """Run ``fn``; its result and the peak bytes it added above the resident size before.
+
+        ``trim`` first hands freed heap back to the kernel, for a clean baseline (the probe);
+        served passes skip it, since the predictable allocator returns tensors when freed.
+        """
+        if trim:
+            malloc_trim()
         if self.method == "vmhwm":
             _CLEAR_REFS.write_text("5")
             baseline = resident_bytes()
-            fn()
+            result = fn()
             peak = _status_kib("VmHWM") * 1024
         else:
             baseline = resident_bytes()
-            peak = self._sample_while(fn, baseline)
-        return max(0, peak - baseline)
+            result, peak = self._sample_while(fn, baseline)
+        return result, max(0, peak - baseline)
 
     @staticmethod
-    def _sample_while(fn: Callable[[], object], baseline: int) -> int:
+    def _sample_while(fn: Callable[[], T], baseline: int) -> tuple[T, int]:
         peak = baseline
         done = threading.Event()
 
@@ -107,11 +118,11 @@ class PeakMeter:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            fn()
+            result = fn()
         finally:
             done.set()
             sampler.join()
-        return max(peak, resident_bytes())
+        return result, max(peak, resident_bytes())
 
 
 def probe_shapes(

@@ -189,19 +189,23 @@ class Encoder:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weight_tensors())
 
-    def touch_weights(self) -> int:
-        """Read every weight once, so every page of it is resident now; returns their bytes.
+    def make_weights_resident(self) -> int:
+        """Move every weight into the process's own memory; returns their bytes.
 
-        Weights loaded from safetensors are memory-mapped: a page becomes resident when a
-        pass first reads it. A 250,002-token vocabulary makes that gradual (BGE-M3's fp32
-        embedding matrix alone is 1 GB, one 4 KiB row per token id), so the resident size
-        after a warm-up pass misses most of it and grows later with traffic. Touching
-        everything at startup makes the measured resident size the real one.
+        Weights loaded from safetensors are memory-mapped from the file: a page becomes
+        resident only when a pass first reads it, and the kernel may drop it again
+        whenever it likes (it is a clean file page) and read it back from disk on the
+        next pass. With a 250,002-token vocabulary that is the normal case: BGE-M3's fp32
+        embedding matrix alone is 1 GB, one 4 KiB row per token id, so the resident size
+        after a warm-up pass misses most of it, grows with traffic, and a pass's peak
+        includes weight pages faulted back in. Copying each weight into anonymous memory
+        (one tensor at a time, so the extra is one tensor) makes the resident size the
+        real one, at once, and keeps it there. Weights already converted (bf16, int8)
+        live in anonymous memory and are left as they are.
         """
-        with torch.inference_mode():
-            for tensor in self.weight_tensors():
-                if tensor.numel():
-                    tensor.sum()
+        if self.info.dtype == "fp32":
+            with torch.inference_mode():
+                self.model._apply(lambda tensor: tensor.clone())
         return self.weight_bytes()
 
     @contextlib.contextmanager

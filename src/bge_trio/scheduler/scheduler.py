@@ -23,12 +23,14 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
 
 from bge_trio.memory.cost import CONSERVATIVE
+from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import Embedding, Output
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.gate import Gate
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Runner = Callable[[Sequence[Sequence[int]], frozenset[Output]], list[Embedding]]
+# (batch, padded length, measured peak bytes) of a pass that ran alone
+PeakListener = Callable[[int, int, int], None]
 
 
 class Observer(Protocol):
@@ -91,6 +95,8 @@ class Scheduler:
         max_queue_tokens: int = 1 << 20,
         max_wait_s: float = math.inf,
         observer: Observer | None = None,
+        meter: PeakMeter | None = None,
+        on_peak: PeakListener | None = None,
     ) -> None:
         self._runner = runner
         self._gate = gate
@@ -112,6 +118,12 @@ class Scheduler:
         self.consecutive_failures = 0
         self._threads: list[PinnedThread] = []  # while run() runs
         self._arriving = 0  # requests being tokenised, about to submit
+        # Per-pass peaks: the kernel's high-water mark is per process, so only a pass
+        # that started and ended with no other pass in flight is measured.
+        self._meter = meter
+        self._on_peak = on_peak
+        self._in_flight = 0
+        self._passes_started = 0
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -295,7 +307,7 @@ class Scheduler:
             self._observer.batch_started(
                 len(batch), padded, [started - item.enqueued_at for item in batch]
             )
-            results = await thread.run(self._runner, [item.token_ids for item in batch], outputs)
+            results = await self._forward(thread, batch, outputs)
         except Exception as exc:
             self._observer.batch_finished(trio.current_time() - started, ok=False)
             self.consecutive_failures += 1
@@ -320,6 +332,27 @@ class Scheduler:
         finally:
             idle.append(thread)
             self._gate.limiter.release_on_behalf_of(borrower)
+
+    async def _forward(
+        self, thread: PinnedThread, batch: list[WorkItem], outputs: frozenset[Output]
+    ) -> list[Embedding]:
+        """Run the pass, measuring its peak when it runs alone."""
+        ids = [item.token_ids for item in batch]
+        alone = self._in_flight == 0
+        self._in_flight += 1
+        self._passes_started += 1
+        generation = self._passes_started
+        try:
+            if not (alone and self._meter is not None and self._on_peak is not None):
+                return await thread.run(self._runner, ids, outputs)
+            results, peak = await thread.run(
+                partial(self._meter.measure_call, trim=False), partial(self._runner, ids, outputs)
+            )
+        finally:
+            self._in_flight -= 1
+        if generation == self._passes_started:  # no other pass started meanwhile
+            self._on_peak(len(batch), max(item.length for item in batch), peak)
+        return results
 
 
 def unlimited_policy() -> BatchPolicy:

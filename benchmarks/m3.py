@@ -1,0 +1,322 @@
+"""BGE-M3 at full size: probe time, probe fidelity, held-out accuracy, resident accounting.
+
+    python -m benchmarks.m3 [--dtypes fp32,bf16] [--limit-gib 6] [--skip-minilm]
+
+Builds the full-size stand-in (BAAI/bge-m3's architecture and vocabulary, random
+weights; see ``bge_trio.testing.build_full_m3``) once into ``~/.cache/bge-trio/bench``
+and measures, per dtype:
+
+- one 4 x 256 forward pass in-process at full depth (the unit the probe time is judged in);
+- the two-layer probe against full depth: the same shapes' peaks measured both ways;
+- cold start to ready of a real server (``bge-trio serve``, empty probe cache) and the
+  probe's own seconds;
+- held-out shapes measured black-box on that serving process: reset its VmHWM through
+  ``/proc/PID/clear_refs``, send one request of B texts of exactly S token ids (one
+  pass), read its VmHWM; compared with the server's cost model;
+- the resident size the budget counts (weights, runtime) against the process's RSS
+  after passes whose ids span the whole vocabulary;
+- the cost of measuring every served pass (the high-water-mark reset and read).
+
+The same held-out measurement runs on the bundled all-MiniLM-L6-v2. Writes
+``docs/memory-m3.json`` and ``docs/memory-m3.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from benchmarks.load import Server
+from bge_trio.cgroups import cpu_count
+from bge_trio.memory.allocator import configure_allocator
+from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
+from bge_trio.memory.probe import PeakMeter
+from bge_trio.model.encoder import Encoder
+from bge_trio.model.source import resolve_model
+from bge_trio.testing import build_full_m3
+
+MIB = 1 << 20
+GIB = 1 << 30
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MODELS = Path.home() / ".cache" / "bge-trio" / "bench"
+
+# Shapes the probe never measures (it measures (1, 8192), (4, 2048), (16, 512), (2, 1024)).
+M3_HELD_OUT = [
+    (24, 128),
+    (12, 333),
+    (3, 1000),
+    (5, 700),
+    (2, 3000),
+    (1, 6000),
+    (1, 7000),
+    (2, 5000),
+]
+MINILM_HELD_OUT = [
+    (3, 512),
+    (2, 384),
+    (24, 102),
+    (48, 170),
+    (12, 192),
+    (96, 42),
+    (6, 448),
+    (160, 32),
+]
+# Shapes for the two-layer-vs-full-depth comparison (full depth is slow: keep them small).
+DEPTH_SHAPES = [(16, 128), (4, 1024), (1, 2048)]
+
+
+def standin() -> Path:
+    directory = MODELS / "bge-m3-standin"
+    if not (directory / "model.safetensors").is_file():
+        print(f"building the full-size stand-in in {directory} ...", flush=True)
+        build_full_m3(directory)
+    return directory
+
+
+def in_process(model: Path, dtype: str) -> dict[str, Any]:
+    """One 4 x 256 pass at full depth, and full depth against the probe's two layers."""
+    configure_allocator("predictable")
+    encoder = Encoder.load(resolve_model(str(model)), dtype=dtype, threads=cpu_count())
+    started = time.perf_counter()
+    weights = encoder.make_weights_resident()
+    touch_s = time.perf_counter() - started
+    forward = synthetic_forward(encoder)
+    forward(4, 256)
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        forward(4, 256)
+        times.append(time.perf_counter() - started)
+    meter = PeakMeter()
+    depth = []
+    for batch, seq in DEPTH_SHAPES:
+        forward(batch, seq)
+        full = meter.measure(partial(forward, batch, seq))
+        with encoder.shallow(PROBE_LAYERS):
+            forward(batch, seq)
+            shallow = meter.measure(partial(forward, batch, seq))
+        depth.append({"batch": batch, "seq": seq, "full_depth": full, "two_layers": shallow})
+        print(f"  depth {batch}x{seq}: full {full / MIB:.1f} MiB, two layers {shallow / MIB:.1f}")
+    return {
+        "dtype": encoder.info.dtype,
+        "weights_bytes": weights,
+        "make_resident_seconds": touch_s,
+        "pass_4x256_seconds": min(times),
+        "depth": depth,
+        "measure_overhead_ms": measure_overhead(),
+    }
+
+
+def measure_overhead(repeats: int = 50) -> float:
+    """What measuring one served pass costs: reset the high-water mark, read it back."""
+    meter = PeakMeter()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        meter.measure_call(lambda: None, trim=False)
+    return 1000 * (time.perf_counter() - started) / repeats
+
+
+def _status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def black_box(
+    server: Server, shapes: list[tuple[int, int]], vocab: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Each shape as one request of token ids; its peak read from the serving process."""
+    pid = server.process.pid
+    rng = np.random.default_rng(seed)
+    with httpx.Client(base_url=server.url, timeout=3600) as http:
+        info = http.get("/info").json()["memory"]
+        a = info["cost_a_bytes_per_token"]
+        b = info["cost_b_bytes_per_token2"]
+        c = info["cost_c_bytes_per_pass"]
+        workspace = info["per_forward_budget_bytes"]
+        rows = []
+        for batch, seq in shapes:
+            ids = rng.integers(10, vocab, size=(batch, seq)).tolist()
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            baseline = _status(pid, "VmRSS")
+            started = time.perf_counter()
+            r = http.post("/v1/embeddings", json={"input": ids, "encoding_format": "base64"})
+            r.raise_for_status()
+            seconds = time.perf_counter() - started
+            measured = _status(pid, "VmHWM") - baseline
+            predicted = c + batch * seq * (a + b * seq)
+            error = 100 * (predicted - measured) / measured
+            rows.append(
+                {
+                    "batch": batch,
+                    "seq": seq,
+                    "measured": measured,
+                    "predicted": predicted,
+                    "error_pct": error,
+                    "share_of_workspace": measured / workspace,
+                    "seconds": seconds,
+                }
+            )
+            print(
+                f"  held-out {batch}x{seq}: measured {measured / MIB:.1f} MiB, predicted "
+                f"{predicted / MIB:.1f} MiB ({error:+.1f}%), {seconds:.1f}s",
+                flush=True,
+            )
+    return rows
+
+
+def serve(model: str, dtype: str, limit: int, vocab: int, shapes: list[tuple[int, int]]) -> Any:
+    """Cold start a server (empty probe cache), then measure the held-out shapes on it."""
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        server = Server(
+            model,
+            dtype,
+            Path(cache),
+            memory_limit_bytes=str(limit),
+            max_batch_tokens=str(1 << 24),
+            request_timeout_s="3600",
+        )
+        ready_s = time.perf_counter() - started
+        try:
+            health = httpx.get(server.url + "/health").json()
+            print(
+                f"  cold start to ready {ready_s:.1f}s (probe {health['probe_seconds']:.1f}s), "
+                f"a={health['cost_a_bytes_per_token']:.0f} b={health['cost_b_bytes_per_token2']:.3f}"
+                f" c={health['cost_c_bytes_per_pass']:.0f}",
+                flush=True,
+            )
+            held = black_box(server, shapes, vocab)
+            rss = _status(server.process.pid, "VmRSS")
+            drift = httpx.get(server.url + "/info").json()["memory"]["drift"]
+        finally:
+            server.stop()
+    return {
+        "cold_start_to_ready_seconds": ready_s,
+        "health": health,
+        "held_out": held,
+        "rss_after_held_out": rss,
+        "drift": drift,
+    }
+
+
+def summarise(held: list[dict[str, Any]]) -> dict[str, Any]:
+    counted = [h for h in held if h["share_of_workspace"] >= 0.05]
+    errors = [h["error_pct"] for h in counted]
+    return {
+        "counted": len(counted),
+        "max_abs_error_pct": max((abs(e) for e in errors), default=None),
+        "most_under_pct": min(errors, default=None),
+        "mean_error_pct": statistics.fmean(errors) if errors else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument(
+        "--limit-gib", type=float, default=6.0, help="memory limit for the M3 server"
+    )
+    parser.add_argument("--skip-minilm", action="store_true")
+    args = parser.parse_args()
+    model = standin()
+    report: dict[str, Any] = {
+        "machine": {
+            "cpu": _cpu(),
+            "threads": cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        },
+        "m3": {},
+    }
+    for dtype in args.dtypes.split(","):
+        print(f"BGE-M3 stand-in, {dtype}", flush=True)
+        if dtype == "bf16" and not report["machine"]["bf16_native"]:
+            print("  bf16 is not native on this CPU (the server would serve fp32); skipped")
+            report["m3"][dtype] = {"skipped": "no native bf16 on this CPU"}
+            continue
+        local = in_process(model, dtype)
+        if local["dtype"] != dtype:
+            print(f"  {dtype} is not native on this CPU (served {local['dtype']}); skipped")
+            report["m3"][dtype] = {"skipped": f"no native {dtype} on this CPU"}
+            continue
+        served = serve(str(model), dtype, int(args.limit_gib * GIB), 250_002, M3_HELD_OUT)
+        probe_s = served["health"]["probe_seconds"]
+        report["m3"][dtype] = {
+            **local,
+            **served,
+            "summary": summarise(served["held_out"]),
+            "cold_start_in_passes": served["cold_start_to_ready_seconds"]
+            / local["pass_4x256_seconds"],
+            "probe_in_passes": probe_s / local["pass_4x256_seconds"],
+        }
+        print(json.dumps(report["m3"][dtype]["summary"]), flush=True)
+    if not args.skip_minilm:
+        print("all-MiniLM-L6-v2, fp32", flush=True)
+        served = serve("bundled", "fp32", 2 * GIB, 30_522, MINILM_HELD_OUT)
+        report["minilm"] = {**served, "summary": summarise(served["held_out"])}
+        print(json.dumps(report["minilm"]["summary"]), flush=True)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "memory-m3.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, DOCS / "memory-m3.png")
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(f"BGE-M3 {d}", r) for d, r in report["m3"].items() if "held_out" in r]
+    if "minilm" in report:
+        runs.append(("MiniLM fp32", report["minilm"]))
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.8), squeeze=False)
+    for ax, (title, run) in zip(axes[0], runs, strict=True):
+        held = run["held_out"]
+        xs = [h["measured"] / MIB for h in held]
+        ys = [h["predicted"] / MIB for h in held]
+        ax.scatter(xs, ys, marker="s", label="held-out shapes (served, black-box)")
+        for h, x, y in zip(held, xs, ys, strict=True):
+            ax.annotate(
+                f"{h['batch']}x{h['seq']}",
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        top = max(xs + ys) * 1.08
+        ax.plot([0, top], [0, top], "k--", linewidth=0.8, label="predicted = measured")
+        ax.plot([0, top], [0, top * 1.1], ":", color="grey", linewidth=0.8, label="+10 %")
+        ax.plot([0, top], [0, top * 0.95], ":", color="red", linewidth=0.8, label="-5 %")
+        ax.set_xlabel("measured peak above baseline (MiB)")
+        ax.set_ylabel("predicted (MiB)")
+        ax.set_title(f"{title}: probe {run['health']['probe_seconds']:.1f}s", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

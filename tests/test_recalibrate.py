@@ -1,0 +1,140 @@
+"""Online recalibration: served passes above their prediction correct the cost model."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bge_trio.memory.recalibrate import Recalibrator
+from tests.test_cli import _bge_trio, _env, _serving
+
+
+def test_a_pass_above_its_prediction_raises_the_correction_by_its_ratio() -> None:
+    r = Recalibrator(tolerance=0.02, confirm=2)
+    assert r.observe(4, 256, measured=300, predicted=100) is not None
+    assert r.correction == pytest.approx(3.0)
+    drift = r.statistics()
+    assert (drift.passes_measured, drift.passes_over, drift.confirmed) == (1, 1, False)
+    assert drift.last_overrun is not None
+    assert (drift.last_overrun.batch, drift.last_overrun.seq) == (4, 256)
+    # the next prediction is already corrected: 1.5x above it compounds to 4.5
+    assert r.observe(8, 256, measured=450, predicted=300) is not None
+    assert r.correction == pytest.approx(4.5)
+    assert r.statistics().confirmed
+
+
+def test_passes_within_tolerance_or_below_never_change_the_model() -> None:
+    r = Recalibrator(tolerance=0.02)
+    assert r.observe(1, 10, measured=101, predicted=100) is None
+    assert r.observe(1, 10, measured=50, predicted=100) is None
+    drift = r.statistics()
+    assert drift.correction == 1.0
+    assert drift.passes_over == 0
+    assert drift.passes_measured == 2
+    assert drift.worst_ratio == pytest.approx(1.01)
+
+
+def test_the_correction_never_goes_down() -> None:
+    r = Recalibrator()
+    r.observe(1, 10, measured=200, predicted=100)
+    r.observe(1, 10, measured=10, predicted=200)
+    assert r.correction == pytest.approx(2.0)
+
+
+def test_statistics_is_a_frozen_snapshot() -> None:
+    r = Recalibrator()
+    before = r.statistics()
+    r.observe(1, 10, measured=200, predicted=100)
+    assert before.correction == 1.0
+    report = r.statistics().report()
+    assert report["correction"] == 2.0
+    assert report["last_overrun"] == {
+        "batch": 1,
+        "seq": 10,
+        "measured_bytes": 200,
+        "predicted_bytes": 100,
+    }
+
+
+# -- a real server in a real memory cgroup ---------------------------------------------
+
+
+def _cache_file(cache_dir: Path) -> Path:
+    (path,) = cache_dir.glob("probe-*.json")
+    return path
+
+
+def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_kill(
+    memory_cgroup: Path, tmp_path: Path
+) -> None:
+    env = _env(
+        tmp_path,
+        BGE_TRIO_PROBE="auto",
+        BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
+        BGE_TRIO_MAX_BATCH_TOKENS=str(1 << 20),
+        BGE_TRIO_MAX_QUEUE_ITEMS="4096",
+    )
+    server = [*_bge_trio(), "serve", "--model", "bundled", "--port", "0"]
+    # 1. a real probe fills the cache; 2. the cached model is cut to a quarter
+    with _serving(server, env):
+        pass
+    cached = _cache_file(tmp_path / "cache")
+    data = json.loads(cached.read_text())
+    true_a = data["a"]
+    for term in ("a", "b", "c"):
+        data[term] /= 4
+    cached.write_text(json.dumps(data))
+
+    # 3. inside the memory limit, with that model: a quarter of the truth would plan
+    # batches four times the workspace, far past the limit
+    command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
+    rng = np.random.default_rng(0)
+    with _serving(["sh", "-c", command], env) as served:
+        url = served.url
+        health = httpx.get(url + "/health").json()
+        assert health["probe_status"] == "cache_hit"
+        assert health["cost_a_bytes_per_token"] == pytest.approx(true_a / 4)
+        workspace = health["per_forward_budget_bytes"]
+        # a first pass of about a fifth of the true workspace: measured, found 4x over
+        first = rng.integers(1000, 30000, size=(12, 256)).tolist()
+        r = httpx.post(url + "/v1/embeddings", json={"input": first}, timeout=120)
+        assert r.status_code == 200
+        drift = httpx.get(url + "/info").json()["memory"]["drift"]
+        assert drift["passes_over_prediction"] >= 1
+        assert drift["correction"] > 3.0
+        assert drift["last_overrun"]["batch"] == 12
+        # then a burst whose batches the uncorrected model would make ~4x the workspace
+        statuses: list[int] = []
+
+        def client(seed: int) -> None:
+            texts = np.random.default_rng(seed).integers(1000, 30000, size=(96, 500)).tolist()
+            with httpx.Client(base_url=url, timeout=600) as http:
+                r = http.post("/v1/embeddings", json={"input": texts})
+                statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert served.process.poll() is None, "the server died:\n" + "".join(served.stderr[-20:])
+        assert statuses == [200] * 4
+        info = httpx.get(url + "/info").json()["memory"]
+        assert info["drift"]["confirmed"] or info["drift"]["passes_over_prediction"] == 1
+        assert any("above the" in line for line in served.stderr)
+    oom = dict(
+        line.split() for line in (memory_cgroup / "memory.oom_control").read_text().splitlines()
+    )
+    assert oom.get("oom_kill", "0") == "0"
+    assert workspace > 0
+    # the corrected model was kept once confirmed, or stays as probed
+    kept = json.loads(cached.read_text())
+    if info["drift"]["confirmed"]:
+        assert kept["method"] == "recalibrated"
+        assert kept["a"] > true_a / 4 * 3
