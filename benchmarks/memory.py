@@ -124,7 +124,7 @@ def main() -> None:
         "max_seq": args.max_seq,
         "probe_seconds": plan.probe_seconds,
         "probe_method": plan.method,
-        "fit": {"a": cost.a, "b": cost.b},
+        "fit": {"a": cost.a, "b": cost.b, "c": cost.c},
         "fit_points": [
             {
                 "batch": p.batch,
@@ -188,7 +188,8 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"model {r['model']} at max_seq {r['max_seq']}, allocator {r['allocator']}")
     print(
         f"probe: {r['probe_seconds']:.2f}s ({r['probe_method']}); "
-        f"a = {r['fit']['a']:.0f} B/token, b = {r['fit']['b']:.2f} B/token^2"
+        f"a = {r['fit']['a']:.0f} B/token, b = {r['fit']['b']:.2f} B/token^2, "
+        f"c = {r['fit']['c']:.0f} B/pass"
     )
     print(
         f"model load: {r['model_load_seconds_cold']:.2f}s cold, "
@@ -242,8 +243,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("predicted peak above baseline (MiB)")
     ax.set_ylabel("measured peak above baseline (MiB)")
     ax.set_title(
-        f"{r['model']}, max_seq {r['max_seq']}: W = {r['fit']['a']:.0f}·B·S + "
-        f"{r['fit']['b']:.1f}·B·S²",
+        f"{r['model']}, max_seq {r['max_seq']}: W = {r['fit']['c'] / MIB:.1f} MiB + "
+        f"{r['fit']['a']:.0f}·B·S + {r['fit']['b']:.1f}·B·S²",
         fontsize=9,
     )
     ax.legend(fontsize=8)

@@ -117,7 +117,7 @@ class EmbeddingService:
             max_queue_tokens=settings.max_queue_tokens,
             max_wait_s=settings.request_timeout_s,
             observer=metrics.SchedulerMetrics(),
-            meter=PeakMeter(),
+            meter=_pass_meter(),
             on_peak=self._pass_peaked,
         )
         self.recalibrator = Recalibrator()
@@ -526,6 +526,13 @@ class EmbeddingService:
         if self.memory is not None:
             body.update(self.memory.report())
         return body
+
+
+def _pass_meter() -> PeakMeter | None:
+    """Served passes are measured where the kernel's high-water mark can be reset (cheap);
+    sampling every pass from a thread would cost too much."""
+    meter = PeakMeter()
+    return meter if meter.method == "vmhwm" else None
 
 
 def _server_failed() -> ApiError:

@@ -104,6 +104,21 @@ class PeakMeter:
             result, peak = self._sample_while(fn, baseline)
         return result, max(0, peak - baseline)
 
+    def measure_pass(self, fn: Callable[[], T]) -> tuple[T, int]:
+        """A served pass: its result and peak, then freed heap handed back to the kernel.
+
+        Tensors of 1 MiB and more are unmapped when freed (the predictable allocator),
+        but a pass also makes many smaller ones (per-head pieces of short texts), and
+        the heap keeps their pages. The next pass reuses them, so its rise above the
+        resident size looks smaller than its real need, and the process sits above the
+        resident size the budget counts. Trimming after each pass keeps the process at
+        that size between passes, where the budget and the probe assume it is.
+        """
+        try:
+            return self.measure_call(fn, trim=False)
+        finally:
+            malloc_trim()
+
     @staticmethod
     def _sample_while(fn: Callable[[], T], baseline: int) -> tuple[T, int]:
         peak = baseline

@@ -131,7 +131,7 @@ class Encoder:
         sparse_linear = heads.load_linear(path / heads.SPARSE_FILE, hidden)
         colbert_linear = heads.load_linear(path / heads.COLBERT_FILE, hidden)
 
-        if dtype == "bf16" and not _bf16_supported():
+        if dtype == "bf16" and not bf16_supported():
             log.warning("BGE_TRIO_DTYPE=bf16 but this CPU has no fast bf16; serving fp32")
             dtype = "fp32"
         if dtype == "bf16":
@@ -205,7 +205,7 @@ class Encoder:
         """
         if self.info.dtype == "fp32":
             with torch.inference_mode():
-                self.model._apply(lambda tensor: tensor.clone())
+                self.model._apply(lambda tensor: tensor.clone())  # type: ignore[no-untyped-call]
         return self.weight_bytes()
 
     @contextlib.contextmanager
@@ -363,9 +363,9 @@ def _key_padding_mask(
     return mask
 
 
-def _bf16_supported() -> bool:
+def bf16_supported() -> bool:
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnnbf16_supported())
     except (AttributeError, RuntimeError):
         return False
 

@@ -344,9 +344,12 @@ class Scheduler:
         generation = self._passes_started
         try:
             if not (alone and self._meter is not None and self._on_peak is not None):
-                return await thread.run(self._runner, ids, outputs)
+                plain: list[Embedding] = await thread.run(self._runner, ids, outputs)
+                return plain
+            results: list[Embedding]
+            peak: int
             results, peak = await thread.run(
-                partial(self._meter.measure_call, trim=False), partial(self._runner, ids, outputs)
+                self._meter.measure_pass, partial(self._runner, ids, outputs)
             )
         finally:
             self._in_flight -= 1
