@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from bge_trio.cgroups import CpuLimit, detect_cpu_limit
+from tests.conftest import running_server
 
 
 def _write(root: Path, rel: str, text: str) -> None:
@@ -85,3 +88,18 @@ def test_v1_unlimited_quota_uses_the_affinity_mask(tmp_path: Path) -> None:
 def test_garbage_in_cgroup_files_is_no_quota(tmp_path: Path) -> None:
     _v2(tmp_path, "/a", {"a": "lots 100000"})
     assert detect_cpu_limit(tmp_path, affinity=4).source == "affinity"
+
+
+async def test_the_server_runs_the_quota_s_threads_and_says_why(
+    tiny_model_dir: Path, settings_for: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    _write(root, "proc/meminfo", "MemTotal: 32000000 kB\nMemAvailable: 20000000 kB\n")
+    _v2(root, "/pod/ctr", {"pod": "100000 100000"})
+    async with running_server(settings_for(tiny_model_dir), root=root) as server:
+        cpu = (await server.client.get("/info")).json()["cpu"]
+        assert cpu["threads"] == 1
+        assert cpu["cpus"] == 1.0
+        assert cpu["source"].endswith("pod/cpu.max")
+        threads = await server.service.scheduler.on_forward_thread(torch.get_num_threads)
+        assert threads == 1

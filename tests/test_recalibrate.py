@@ -108,7 +108,10 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
         drift = httpx.get(url + "/info").json()["memory"]["drift"]
         assert drift["passes_over_prediction"] >= 1
         assert drift["correction"] > 3.0
-        assert drift["last_overrun"]["batch"] == 12
+        assert 1 <= drift["last_overrun"]["batch"] <= 12
+        assert (
+            drift["last_overrun"]["measured_bytes"] > 3 * drift["last_overrun"]["predicted_bytes"]
+        )
         # then a burst whose batches the uncorrected model would make ~4x the workspace
         statuses: list[int] = []
 

@@ -170,7 +170,13 @@ class Scheduler:
         try:
             now = trio.current_time()
             for index, ids in enumerate(token_lists):
-                await self._send.send(WorkItem(ticket, index, ids, now))
+                item = WorkItem(ticket, index, ids, now)
+                # No checkpoint between a request's texts: the scheduler must see them all
+                # at once, or it plans a pass from the first few and the rest wait for the next.
+                try:
+                    self._send.send_nowait(item)
+                except trio.WouldBlock:
+                    await self._send.send(item)
                 sent += 1
             await ticket.done.wait()
         except BaseException:
