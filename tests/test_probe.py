@@ -34,9 +34,9 @@ def test_meter_sees_a_real_allocation(method: str) -> None:
     assert 180 * MIB < peak < 400 * MIB
 
 
-def test_shapes_separate_the_three_terms_and_include_the_longest_single_text() -> None:
+def test_shapes_separate_the_three_terms_and_include_the_longest_length() -> None:
     shapes = probe_shapes(512, workspace=1 << 40)
-    assert shapes[0] == (1, 512)
+    assert shapes[0] == (2, 512)
     tokens = [b * s for b, s in shapes]
     # two shapes with the same tokens at different lengths: per-token vs per-token²
     same = [shape for shape, t in zip(shapes, tokens, strict=True) if tokens.count(t) >= 2]
@@ -44,12 +44,12 @@ def test_shapes_separate_the_three_terms_and_include_the_longest_single_text() -
     # another token count: the per-pass constant
     assert len(set(tokens)) >= 3
     # real batches are padded, and so are the probe's batches
-    assert all(b > 1 for b, _ in shapes[1:])
+    assert all(b > 1 for b, _ in shapes)
 
 
 def test_full_size_shapes_stay_few_and_small() -> None:
     shapes = probe_shapes(8192, workspace=1 << 40)
-    assert shapes == [(1, 8192), (4, 2048), (16, 512), (2, 1024)]
+    assert shapes == [(2, 8192), (4, 2048), (16, 512), (2, 1024)]
 
 
 def test_shapes_respect_the_budget() -> None:

@@ -79,6 +79,7 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
         BGE_TRIO_MAX_BATCH_TOKENS=str(1 << 20),
         BGE_TRIO_MAX_QUEUE_ITEMS="4096",
+        BGE_TRIO_REQUEST_TIMEOUT_S="900",
     )
     server = [*_bge_trio(), "serve", "--model", "bundled", "--port", "0"]
     # 1. a real probe fills the cache; 2. the cached model is cut to a quarter
@@ -107,10 +108,10 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
         assert r.status_code == 200
         drift = httpx.get(url + "/info").json()["memory"]["drift"]
         assert drift["passes_over_prediction"] >= 1
-        assert drift["correction"] > 3.0
+        assert drift["correction"] > 2.0
         assert 1 <= drift["last_overrun"]["batch"] <= 12
         assert (
-            drift["last_overrun"]["measured_bytes"] > 3 * drift["last_overrun"]["predicted_bytes"]
+            drift["last_overrun"]["measured_bytes"] > 2 * drift["last_overrun"]["predicted_bytes"]
         )
         # then a burst whose batches the uncorrected model would make ~4x the workspace
         statuses: list[int] = []
