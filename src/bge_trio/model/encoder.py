@@ -215,7 +215,7 @@ class Encoder:
         For the memory probe: an inference pass frees each layer's intermediates before
         the next layer runs, so every layer after the first peaks alike, and a two-layer
         pass peaks where the full-depth one does (measured on the BGE-M3 architecture:
-        within 0.2 % at three shapes; one layer is 4.5 % lower, because the embedding
+        within 0.3 % at three shapes; one layer is 4.5 % lower, because the embedding
         output it reads stays referenced for the whole pass). Models whose layer list
         cannot be found run at full depth. Not for serving: the gate must be closed.
         """
