@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bge_trio.memory.cost import CostModel
+from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import DENSE, Embedding, Encoder, Output
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.gate import Gate
@@ -222,3 +224,51 @@ async def test_short_texts_do_not_ride_padded_with_a_long_one(tiny_encoder: Enco
     # the budget would fit all four in one pass; the padding would cost ~580 tokens
     assert [len(batch) for batch in model.batches] == [1, 3]
     assert model.batches[0] == [tuple(long[0])]
+
+
+async def test_a_request_s_texts_reach_one_pass_together(tiny_encoder: Encoder) -> None:
+    gate = Gate(1)
+    gate.open()
+    model = RecordingModel(tiny_encoder)
+    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    rng = np.random.default_rng(3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        await scheduler.submit([_text(rng, 32) for _ in range(12)], DENSE)
+        nursery.cancel_scope.cancel()
+    assert [len(batch) for batch in model.batches] == [12]
+
+
+async def test_only_a_pass_that_ran_alone_is_measured(tiny_encoder: Encoder) -> None:
+    gate = Gate(2)
+    gate.open()
+    peaks: list[tuple[int, int, int]] = []
+    scheduler = Scheduler(
+        SlowModel(tiny_encoder),
+        gate,
+        token_policy(64),  # 2 texts of 32 per pass: three requests need overlapping passes
+        batch_wait_s=0.0,
+        meter=PeakMeter("vmhwm"),
+        on_peak=lambda batch, seq, peak: peaks.append((batch, seq, peak)),
+    )
+    rng = np.random.default_rng(4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        await scheduler.submit([_text(rng, 32)], DENSE)  # alone: measured
+        assert len(peaks) == 1
+        assert peaks[0][:2] == (1, 32)
+        async with trio.open_nursery() as clients:  # two workers, passes overlap
+            for _ in range(3):
+                clients.start_soon(scheduler.submit, [_text(rng, 32) for _ in range(2)], DENSE)
+        nursery.cancel_scope.cancel()
+    assert len(peaks) == 1  # every later pass overlapped another
+
+
+class SlowModel(RecordingModel):
+    """The real tiny model, slowed so that passes on two workers overlap for sure."""
+
+    def __call__(
+        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
+    ) -> list[Embedding]:
+        time.sleep(0.2)
+        return super().__call__(batch, outputs)
