@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -243,10 +244,11 @@ async def test_only_a_pass_that_ran_alone_is_measured(tiny_encoder: Encoder) -> 
     gate = Gate(2)
     gate.open()
     peaks: list[tuple[int, int, int]] = []
+    model = SlowModel(tiny_encoder)
     scheduler = Scheduler(
-        SlowModel(tiny_encoder),
+        model,
         gate,
-        token_policy(64),  # 2 texts of 32 per pass: three requests need overlapping passes
+        token_policy(10_000),
         batch_wait_s=0.0,
         meter=PeakMeter("vmhwm"),
         on_peak=lambda batch, seq, peak: peaks.append((batch, seq, peak)),
@@ -254,21 +256,31 @@ async def test_only_a_pass_that_ran_alone_is_measured(tiny_encoder: Encoder) -> 
     rng = np.random.default_rng(4)
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
-        await scheduler.submit([_text(rng, 32)], DENSE)  # alone: measured
-        assert len(peaks) == 1
-        assert peaks[0][:2] == (1, 32)
-        async with trio.open_nursery() as clients:  # two workers, passes overlap
-            for _ in range(3):
-                clients.start_soon(scheduler.submit, [_text(rng, 32) for _ in range(2)], DENSE)
+        await scheduler.submit([_text(rng, 8)], DENSE)  # alone: measured
+        assert [p[:2] for p in peaks] == [(1, 8)]
+        async with trio.open_nursery() as clients:
+            # a long pass on one worker, and a short one inside it on the other
+            clients.start_soon(scheduler.submit, [_text(rng, 48)], DENSE)
+            await trio.to_thread.run_sync(model.long_pass_started.wait)
+            clients.start_soon(scheduler.submit, [_text(rng, 16)], DENSE)
         nursery.cancel_scope.cancel()
-    assert len(peaks) == 1  # every later pass overlapped another
+    assert len(model.batches) == 3
+    assert [p[:2] for p in peaks] == [(1, 8)]  # neither overlapping pass was measured
 
 
 class SlowModel(RecordingModel):
-    """The real tiny model, slowed so that passes on two workers overlap for sure."""
+    """The real tiny model, taking 10 ms per token, so that passes overlap as planned."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__(encoder)
+        self.long_pass_started = threading.Event()
 
     def __call__(
         self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
     ) -> list[Embedding]:
-        time.sleep(0.2)
-        return super().__call__(batch, outputs)
+        self.batches.append([tuple(ids) for ids in batch])
+        longest = max(len(ids) for ids in batch)
+        if longest >= 40:
+            self.long_pass_started.set()
+        time.sleep(0.01 * longest)
+        return self.encoder.forward(batch, outputs)
