@@ -365,7 +365,7 @@ def _key_padding_mask(
 
 def bf16_supported() -> bool:
     try:
-        return bool(torch.ops.mkldnn._is_mkldnnbf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
