@@ -57,3 +57,11 @@ def test_dtype_is_part_of_the_cache_key(tiny_encoder: Encoder) -> None:
     key = cache_key_for(tiny_encoder, settings)
     assert key["dtype"] == "fp32"
     assert key["allocator"] == "predictable"
+
+
+def test_bf16_detection_is_torch_s_own_answer() -> None:
+    import torch
+
+    from bge_trio.model.encoder import bf16_supported
+
+    assert bf16_supported() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

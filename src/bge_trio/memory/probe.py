@@ -89,8 +89,7 @@ class PeakMeter:
     def measure_call(self, fn: Callable[[], T], *, trim: bool = True) -> tuple[T, int]:
         """Run ``fn``; its result and the peak bytes it added above the resident size before.
 
-        ``trim`` first hands freed heap back to the kernel, for a clean baseline (the probe);
-        served passes skip it, since the predictable allocator returns tensors when freed.
+        ``trim`` first hands freed heap back to the kernel, for a clean baseline.
         """
         if trim:
             malloc_trim()
@@ -148,15 +147,16 @@ def probe_shapes(
 ) -> list[tuple[int, int]]:
     """Four (batch, seq) shapes that separate the three terms of the cost model.
 
-    Two texts of the longest length (2, max_seq), padded; two shapes of ``max(max_seq, min_tokens)``
-    tokens at S = max_seq/4 and max_seq/16 (the same tokens at other lengths tell the
-    per-token² term from the per-token one); and a small padded batch of a quarter as
-    many tokens (another token count tells the per-pass constant from the rest). Every
-    batch is padded, as real batches are. No single text: a one-text pass sits a few
-    MiB above the per-token line (measured on BGE-M3 at 128-1024 tokens and on MiniLM
-    at 512), and as the only point at max_seq it would be read as a per-token² cost
-    (all-MiniLM-L6-v2: b = 24.5 B/token², over-predicting 6 x 448 by 58 %). A shape the conservative
-    model says might not fit the workspace has its batch halved until it does, and is
+    Two texts of the longest length (2, max_seq), padded; two shapes of
+    ``max(max_seq, min_tokens)`` tokens at S = max_seq/4 and max_seq/16 (the same
+    tokens at other lengths tell the per-token² term from the per-token one); and a
+    small padded batch of a quarter as many tokens (another token count tells the
+    per-pass constant from the rest). Every batch is padded, as real batches are. No
+    single text: a one-text pass sits a few MiB above the per-token line (measured on
+    BGE-M3 at 128-1024 tokens and on MiniLM at 512), and as the only point at max_seq
+    it would be read as a per-token² cost (all-MiniLM-L6-v2: b = 24.5 B/token²,
+    over-predicting 6 x 448 by 58 %). A shape the conservative model says might not fit
+    the workspace has its batch halved until it does, and is
     skipped if even batch 1 does not fit.
     """
     tokens = max(max_seq, min_tokens)

@@ -353,8 +353,9 @@ def _key_padding_mask(
     mask, and torch's CPU attention turns that into a float mask of the same shape:
     5 bytes per B·S², 670 MB for two 8192-token texts, more than the rest of the pass.
     With SDPA attention a (B, 1, 1, S) mask broadcasts over the queries and gives the
-    same result (bit for bit, tested), so the pass costs what its tokens cost. A batch
-    without padding needs no mask at all. Other attention kinds get the (B, S) mask.
+    same vectors (tested against transformers' own mask), so the pass costs what its
+    tokens cost. A batch without padding needs no mask at all. Other attention kinds
+    get the (B, S) mask.
     """
     if min(lengths) == max(lengths):
         return None
