@@ -63,6 +63,7 @@ def settings_for(tmp_path: Path) -> SettingsFactory:
             cache_dir=tmp_path / "cache",
             probe="off",
             batch_wait_ms=1.0,
+            dtype="fp32",  # outputs are compared with an fp32 reference
         )
         return attrs.evolve(base, **overrides)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,17 @@ class ReferenceM3:
         self.unused = {tok.cls_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
 
     def encode(self, texts: list[str]) -> list[RefOutput]:
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return self._run(self.tokenizer(texts, padding=True, return_tensors="pt"))
+
+    def encode_ids(self, id_lists: list[list[int]]) -> list[RefOutput]:
+        """The same outputs for token id lists (special tokens included), padded here."""
+        width = max(len(ids) for ids in id_lists)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in id_lists])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in id_lists])
+        return self._run({"input_ids": input_ids, "attention_mask": mask})
+
+    def _run(self, enc: Any) -> list[RefOutput]:
         with torch.no_grad():
             h = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             h = h.last_hidden_state
@@ -47,7 +58,7 @@ class ReferenceM3:
             colbert = self.colbert_linear(h[:, 1:]) * mask[:, 1:][:, :, None].float()
             colbert = torch.nn.functional.normalize(colbert, dim=-1)
         out = []
-        for row in range(len(texts)):
+        for row in range(len(enc["input_ids"])):
             ids = enc["input_ids"][row].tolist()
             lexical: dict[int, float] = {}
             for token, w in zip(ids, weights[row].tolist(), strict=True):

@@ -18,7 +18,7 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 async def strict_server(tiny_model_dir: Path, settings_for: Any) -> AsyncIterator[Server]:
-    settings = settings_for(tiny_model_dir, max_batch=4, max_seq_length=16, truncate=False)
+    settings = settings_for(tiny_model_dir, max_batch=4, max_seq_length=16, long_input="error")
     async with running_server(settings) as server:
         yield server
 
@@ -219,7 +219,8 @@ async def test_truncation_caps_tokens(tiny_model_dir: Path, settings_for: Any) -
 async def test_text_too_large_for_the_memory_budget(
     tiny_model_dir: Path, settings_for: Any, truncate: bool
 ) -> None:
-    async with running_server(settings_for(tiny_model_dir, truncate=truncate)) as server:
+    long_input = "truncate" if truncate else "error"
+    async with running_server(settings_for(tiny_model_dir, long_input=long_input)) as server:
         # the budget shrinks below what a 10-token text needs (a = 1 byte per token)
         server.service.scheduler.policy = BatchPolicy(CostModel(1.0, 0.0), 10.0)
         text = "the quick brown fox jumps over the lazy dog"

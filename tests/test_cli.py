@@ -148,7 +148,7 @@ def test_uncached_hub_id_explains_what_to_do(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
-        ("BGE_TRIO_WORKERS", "0", "expected an integer in [1, 64]"),
+        ("BGE_TRIO_WORKERS", "0", "expected an integer in [1, 64], or auto"),
         ("BGE_TRIO_MEMORY_SAFETY", "2", "expected a number in [0.05, 1]"),
         ("BGE_TRIO_TRUNCATE", "maybe", "expected true or false"),
         ("BGE_TRIO_PROBE", "sometimes", "expected one of auto, off, force"),

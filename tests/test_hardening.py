@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bge_trio.model.encoder import Embedding, Encoder, Output
+from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
 from bge_trio.model.source import ModelSource
 from tests.conftest import Server, running_server, wait_ready
 from tests.test_gate import ControllableProbe
@@ -116,11 +116,14 @@ class FaultyEncoder(Encoder):
     """The real tiny model, except that its forward pass raises on a marked token."""
 
     def forward(
-        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output] = frozenset({"dense"})
+        self,
+        batch: Sequence[Sequence[int]],
+        outputs: frozenset[Output] = frozenset({"dense"}),
+        between_layers: BetweenLayers | None = None,
     ) -> list[Embedding]:
         if any(MARKER in ids for ids in batch):
             raise RuntimeError("/secret/path tensor of shape (3, 7) exploded")
-        return super().forward(batch, outputs)
+        return super().forward(batch, outputs, between_layers)
 
 
 def load_faulty(source: ModelSource, **kwargs: Any) -> Encoder:
@@ -357,10 +360,13 @@ async def test_all_torch_work_runs_on_the_forward_thread(
 
     class RecordingEncoder(Encoder):
         def forward(
-            self, batch: Sequence[Sequence[int]], outputs: frozenset[Output] = frozenset({"dense"})
+            self,
+            batch: Sequence[Sequence[int]],
+            outputs: frozenset[Output] = frozenset({"dense"}),
+            between_layers: BetweenLayers | None = None,
         ) -> list[Embedding]:
             threads.append(threading.current_thread().name)
-            return super().forward(batch, outputs)
+            return super().forward(batch, outputs, between_layers)
 
     def load(source: ModelSource, **kwargs: Any) -> Encoder:
         threads.append(threading.current_thread().name)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from bge_trio.memory.cost import CostModel
 from bge_trio.memory.probe import PeakMeter
-from bge_trio.model.encoder import DENSE, Embedding, Encoder, Output
+from bge_trio.model.encoder import DENSE, BetweenLayers, Embedding, Encoder, Output
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.scheduler import BatchFailedError, Scheduler
@@ -29,10 +29,13 @@ class RecordingModel:
         self.batches: list[list[tuple[int, ...]]] = []
 
     def __call__(
-        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
+        self,
+        batch: Sequence[Sequence[int]],
+        outputs: frozenset[Output],
+        between_layers: BetweenLayers | None = None,
     ) -> list[Embedding]:
         self.batches.append([tuple(ids) for ids in batch])
-        return self.encoder.forward(batch, outputs)
+        return self.encoder.forward(batch, outputs, between_layers)
 
     @property
     def seen(self) -> Counter[tuple[int, ...]]:
@@ -139,7 +142,9 @@ async def test_concurrent_requests_share_batches(tiny_encoder: Encoder) -> None:
 async def test_a_failing_batch_fails_only_its_requests(tiny_encoder: Encoder) -> None:
     poison = (0, 99, 99, 2)
 
-    def flaky(batch: Sequence[Sequence[int]], outputs: frozenset[Output]) -> list[Embedding]:
+    def flaky(
+        batch: Sequence[Sequence[int]], outputs: frozenset[Output], _: BetweenLayers | None = None
+    ) -> list[Embedding]:
         if any(tuple(ids) == poison for ids in batch):
             raise RuntimeError("bad batch")
         return tiny_encoder.forward(batch, outputs)
@@ -276,11 +281,14 @@ class SlowModel(RecordingModel):
         self.long_pass_started = threading.Event()
 
     def __call__(
-        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
+        self,
+        batch: Sequence[Sequence[int]],
+        outputs: frozenset[Output],
+        between_layers: BetweenLayers | None = None,
     ) -> list[Embedding]:
         self.batches.append([tuple(ids) for ids in batch])
         longest = max(len(ids) for ids in batch)
         if longest >= 40:
             self.long_pass_started.set()
         time.sleep(0.01 * longest)
-        return self.encoder.forward(batch, outputs)
+        return self.encoder.forward(batch, outputs, between_layers)

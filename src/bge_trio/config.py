@@ -18,7 +18,9 @@ import attrs
 PREFIX = "BGE_TRIO_"
 ProbeMode = Literal["auto", "off", "force"]
 Allocator = Literal["predictable", "fast"]
-DType = Literal["fp32", "bf16", "int8"]
+DType = Literal["auto", "fp32", "bf16", "int8"]
+LongInput = Literal["truncate", "error", "chunk"]
+LONG_INPUTS: tuple[LongInput, ...] = ("truncate", "error", "chunk")
 T = TypeVar("T")
 
 
@@ -33,11 +35,14 @@ class Settings:
     model: str = "BAAI/bge-m3"
     model_name: str | None = None
     max_seq_length: int | None = None
-    workers: int = 1
+    workers: int | None = None  # None: auto (see scheduler/lanes.py)
+    express_tokens: int = 256
     processes: int = 1
     max_batch: int = 256
-    truncate: bool = True
-    dtype: DType = "fp32"
+    long_input: LongInput = "truncate"
+    chunk_window: int | None = None  # None: the longest text that fits
+    chunk_overlap: int = 64
+    dtype: DType = "auto"
     allocator: Allocator = "predictable"
     startup_wait_s: float = 30.0
     memory_limit_bytes: int | None = None
@@ -60,6 +65,13 @@ class Settings:
     api_key: str | None = attrs.field(default=None, repr=False)
     log_level: str = "INFO"
 
+    def __attrs_post_init__(self) -> None:
+        if self.chunk_window is not None and self.chunk_overlap * 2 > self.chunk_window - 2:
+            raise ConfigError(
+                f"{PREFIX}CHUNK_OVERLAP={self.chunk_overlap} must be under half of "
+                f"{PREFIX}CHUNK_WINDOW={self.chunk_window} (less its two special tokens)"
+            )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every ``BGE_TRIO_*`` variable; unknown ones are ignored."""
@@ -76,11 +88,18 @@ class Settings:
             model=r.get("MODEL", _nonempty, "BAAI/bge-m3"),
             model_name=r.get("MODEL_NAME", _nonempty, None),
             max_seq_length=r.get("MAX_SEQ_LENGTH", _int(8, 1_000_000), None),
-            workers=r.get("WORKERS", _int(1, 64), 1),
+            workers=r.get("WORKERS", _auto(_int(1, 64)), None),
+            express_tokens=r.get("EXPRESS_TOKENS", _int(0, 1_000_000), 256),
             processes=r.get("PROCESSES", _int(1, 256), 1),
             max_batch=r.get("MAX_BATCH", _int(1, 100_000), 256),
-            truncate=r.get("TRUNCATE", _bool, True),
-            dtype=r.get("DTYPE", _choice("fp32", "bf16", "int8"), "fp32"),
+            long_input=r.get(
+                "LONG_INPUT",
+                _choice(*LONG_INPUTS),
+                "truncate" if r.get("TRUNCATE", _bool, True) else "error",
+            ),
+            chunk_window=r.get("CHUNK_WINDOW", _int(16, 1_000_000), None),
+            chunk_overlap=r.get("CHUNK_OVERLAP", _int(0, 1_000_000), 64),
+            dtype=r.get("DTYPE", _choice("auto", "fp32", "bf16", "int8"), "auto"),
             allocator=r.get("ALLOCATOR", _choice("predictable", "fast"), "predictable"),
             startup_wait_s=r.get("STARTUP_WAIT_S", _float(0.0, 3600.0), 30.0),
             memory_limit_bytes=r.get("MEMORY_LIMIT_BYTES", _int(1 << 20, 1 << 50), None),
@@ -150,6 +169,20 @@ def _float(lo: float, hi: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _auto(parse: Callable[[str], T]) -> Callable[[str], T | None]:
+    """``auto`` (None: the server decides) or a value ``parse`` accepts."""
+
+    def parse_or_auto(raw: str) -> T | None:
+        if raw.lower() == "auto":
+            return None
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{exc}, or auto") from None
+
+    return parse_or_auto
 
 
 def _bool(raw: str) -> bool:

@@ -16,6 +16,7 @@ from bge_trio.memory.plan import (
 from bge_trio.memory.probe import ProbeProgress
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource
+from bge_trio.scheduler.lanes import plan_lanes
 
 MIB = 1024 * 1024
 
@@ -23,15 +24,16 @@ MIB = 1024 * 1024
 def run_probe_command(settings: Settings, source: ModelSource) -> int:
     out = sys.stdout
     configure_allocator(settings.allocator)
+    lanes = plan_lanes(cpu_count(), settings.workers, settings.express_tokens)
     print(f"loading {source.path} ...", file=out, flush=True)
     encoder = Encoder.load(
         source,
         name=settings.model_name,
         max_seq_length=settings.max_seq_length,
         dtype=settings.dtype,
-        threads=max(1, cpu_count() // settings.workers),
+        threads=lanes.threads,
     )
-    budget = measure_budget(encoder, settings)
+    budget = measure_budget(encoder, settings, workers=lanes.workers)
     limit = budget.limit
     print(
         f"memory limit {limit.bytes / MIB:.0f} MiB ({limit.source}); model resident "

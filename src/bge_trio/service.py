@@ -28,7 +28,7 @@ import trio
 
 from bge_trio import metrics
 from bge_trio.cgroups import CpuLimit, detect_cpu_limit
-from bge_trio.config import Settings
+from bge_trio.config import LongInput, Settings
 from bge_trio.errors import ApiError, invalid, unavailable
 from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.cost import CONSERVATIVE
@@ -44,6 +44,7 @@ from bge_trio.memory.plan import (
 from bge_trio.memory.probe import PeakMeter, ProbeProgress
 from bge_trio.memory.recalibrate import Recalibrator
 from bge_trio.model.encoder import (
+    BetweenLayers,
     Embedding,
     Encoder,
     ModelConfigError,
@@ -52,13 +53,16 @@ from bge_trio.model.encoder import (
     Token,
 )
 from bge_trio.model.source import ModelSource
+from bge_trio.model.windows import Windows, merge, split
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.gate import Gate
+from bge_trio.scheduler.lanes import Lanes, plan_lanes
 from bge_trio.scheduler.scheduler import (
     BatchFailedError,
     QueueFullError,
     Scheduler,
     Timing,
+    TooSlowError,
     unlimited_policy,
 )
 from bge_trio.scoring import MODES, Weights, combine, score_matrix
@@ -77,9 +81,12 @@ class Embedded:
     embeddings: list[Embedding]
     token_ids: list[list[int]]
     timing: Timing = attrs.field(factory=Timing)
+    embedded_tokens: int | None = None  # every token embedded, when inputs were split
 
     @property
     def prompt_tokens(self) -> int:
+        if self.embedded_tokens is not None:
+            return self.embedded_tokens
         return sum(len(ids) for ids in self.token_ids)
 
 
@@ -107,11 +114,14 @@ class EmbeddingService:
         self.root = root  # where /proc and /sys are read (tests use a fake tree)
         self._planner = planner
         self._load_encoder = load_encoder
-        self.gate = Gate(settings.workers)
+        self.cpu: CpuLimit = detect_cpu_limit(root)
+        self.lanes: Lanes = plan_lanes(self.cpu.threads, settings.workers, settings.express_tokens)
+        self.gate = Gate(self.lanes.workers)
         self.scheduler = Scheduler(
             self._forward,
             self.gate,
             unlimited_policy(),
+            lanes=self.lanes,
             batch_wait_s=settings.batch_wait_ms / 1000,
             max_queue_items=settings.max_queue_items,
             max_queue_tokens=settings.max_queue_tokens,
@@ -127,7 +137,6 @@ class EmbeddingService:
         self.encoder: Encoder | None = None
         self.memory: MemoryPlan | None = None
         self.error: str | None = None
-        self.cpu: CpuLimit | None = None
         self.probe_progress: ProbeProgress | None = None
         self.failed = trio.Event()  # set when startup fails for good
         self._loaded_or_failed = trio.Event()
@@ -159,18 +168,19 @@ class EmbeddingService:
         """Load the model, plan memory, check readiness, then open the gate (always)."""
         try:
             configure_allocator(self.settings.allocator)
-            self.cpu = detect_cpu_limit(self.root)
-            threads = max(1, self.cpu.threads // self.settings.workers)
             # torch work runs where the forward passes will (see Scheduler.on_forward_thread)
-            self.encoder = await self.scheduler.on_forward_thread(self._load, threads)
+            self.encoder = await self.scheduler.on_forward_thread(self._load, self.lanes.threads)
             self._loaded_or_failed.set()
             self.status = "probing"
             self.memory = await self.scheduler.on_forward_thread(self._plan_memory)
-            self.scheduler.policy = BatchPolicy(
-                self.memory.cost,
-                self.memory.budget.workspace_bytes,
-                max_batch_tokens=self.settings.max_batch_tokens,
+            self.scheduler.set_policy(
+                BatchPolicy(
+                    self.memory.cost,
+                    self.memory.budget.workspace_bytes,
+                    max_batch_tokens=self.settings.max_batch_tokens,
+                )
             )
+            self.scheduler.pace.seed(self.memory.pass_seconds)
             await self.scheduler.on_forward_thread(self._readiness_check)
             self._publish_memory_metrics(self.memory)
             self.status = "ok"
@@ -204,7 +214,7 @@ class EmbeddingService:
             threads=threads,
         )
         log.info(
-            "loaded %s from %s in %.2fs (dim %d, max_seq %d, outputs %s, dtype %s, %d threads)",
+            "loaded %s from %s in %.2fs (dim %d, max_seq %d, outputs %s, dtype %s: %s, %d threads)",
             encoder.info.name,
             self.source.path,
             time.perf_counter() - started,
@@ -212,13 +222,14 @@ class EmbeddingService:
             encoder.info.max_seq_length,
             ",".join(sorted(encoder.info.outputs)),
             encoder.info.dtype,
+            encoder.info.dtype_reason,
             threads,
         )
         return encoder
 
     def _plan_memory(self) -> MemoryPlan:
         encoder = self._require_encoder()
-        budget = measure_budget(encoder, self.settings, self.root)
+        budget = measure_budget(encoder, self.settings, self.root, workers=self.lanes.workers)
         limit = budget.limit
         log.info(
             "memory limit %d bytes from %s; model resident %d bytes; budget %d bytes per forward",
@@ -274,7 +285,8 @@ class EmbeddingService:
         if overrun is None:
             return
         correction = self.recalibrator.correction
-        self.scheduler.policy = attrs.evolve(policy, cost=plan.cost.scaled(correction))
+        given = self.scheduler.given_policy
+        self.scheduler.set_policy(attrs.evolve(given, cost=plan.cost.scaled(correction)))
         log.warning(
             "a pass of %d x %d tokens peaked at %d bytes, %.0f%% above the %d predicted; "
             "the cost model is now scaled by %.3f (the largest text that fits: %d tokens)",
@@ -320,9 +332,12 @@ class EmbeddingService:
         return self.encoder
 
     def _forward(
-        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
+        self,
+        batch: Sequence[Sequence[int]],
+        outputs: frozenset[Output],
+        between_layers: BetweenLayers | None = None,
     ) -> list[Embedding]:
-        return self._require_encoder().forward(batch, outputs)
+        return self._require_encoder().forward(batch, outputs, between_layers)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return list(self._require_encoder().tokenizer.convert_ids_to_tokens(list(ids)))
@@ -382,8 +397,15 @@ class EmbeddingService:
         texts: Sequence[str] | None,
         token_ids: Sequence[Sequence[int]] | None,
         outputs: frozenset[Output],
+        long_input: LongInput | None = None,
     ) -> Embedded:
-        """Embed a request's inputs (texts or token id lists) in input order."""
+        """Embed a request's inputs (texts or token id lists) in input order.
+
+        ``long_input`` says what happens to an input longer than the model or the
+        memory budget allows (the server's ``BGE_TRIO_LONG_INPUT`` by default):
+        ``truncate`` it, refuse it (``error``), or ``chunk`` it into overlapping
+        windows whose results are merged (see :mod:`bge_trio.model.windows`).
+        """
         arrived = trio.current_time()
         encoder = await self.ready()
         missing = outputs - encoder.info.outputs
@@ -399,23 +421,26 @@ class EmbeddingService:
                 ids = await trio.to_thread.run_sync(encoder.tokenize, texts)
             else:
                 ids = self._check_token_ids(encoder, token_ids or [])
-        ids = self._fit_lengths(encoder, ids)
+        windows = self._fit_lengths(encoder, ids, long_input or self.settings.long_input)
+        flat = [list(window) for w in windows for window in w.token_ids]
         timing = Timing()
         try:
-            results = await self._submit(ids, outputs, arrived, timing)
+            results = await self._submit(flat, outputs, arrived, timing)
         except BatchFailedError:
             if self.status == "error":
                 raise _server_failed() from None
             raise ApiError(500, "internal server error", type="server_error") from None
-        except QueueFullError:
+        except QueueFullError as exc:
             raise ApiError(
                 429,
-                "the server is at capacity; retry after a short wait",
+                f"the server is at capacity ({exc}); retry after a short wait",
                 type="rate_limit_exceeded",
                 code="queue_full",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": str(round(exc.retry_after_s))},
             ) from None
-        return Embedded(results, ids, timing)
+        except TooSlowError as exc:
+            raise _too_slow(exc) from None
+        return _merged(ids, windows, results, timing)
 
     async def score(
         self, queries: Sequence[str], documents: Sequence[str], weights: Weights
@@ -464,44 +489,56 @@ class EmbeddingService:
                     )
         return [list(ids) for ids in token_ids]
 
-    def _fit_lengths(self, encoder: Encoder, token_ids: list[list[int]]) -> list[list[int]]:
+    def _fit_lengths(
+        self, encoder: Encoder, token_ids: list[list[int]], long_input: LongInput
+    ) -> list[Windows]:
+        """Each input as the windows it runs in: one, unless it is chunked."""
         max_seq = encoder.info.max_seq_length
-        fits = self.scheduler.policy.max_single_length()
-        truncate = self.settings.truncate
+        fits = min(max_seq, self.scheduler.policy.max_single_length())
+        window = min(self.settings.chunk_window or fits, fits)
+        overlap = min(self.settings.chunk_overlap, max(0, (window - 2) // 2))
         fitted = []
         for index, ids in enumerate(token_ids):
-            if len(ids) > max_seq:
-                if not truncate:
-                    raise invalid(
-                        f"input[{index}] has {len(ids)} tokens, more than the maximum of "
-                        f"{max_seq}; shorten it or enable truncation",
-                        param="input",
-                        code="context_length_exceeded",
-                    )
-                ids = encoder.truncate(ids, max_seq)
-            if len(ids) > fits:
-                if not truncate:
-                    raise ApiError(
-                        413,
-                        f"input[{index}] has {len(ids)} tokens; the largest text that fits this "
-                        f"server's memory budget has {fits} tokens",
-                        param="input",
-                        code="input_too_large_for_memory",
-                    )
-                ids = encoder.truncate(ids, fits)
-            fitted.append(ids)
+            if long_input == "chunk" and len(ids) > window:
+                fitted.append(split(ids, window, overlap, encoder.closing_ids))
+                continue
+            if len(ids) > max_seq and long_input == "error":
+                raise invalid(
+                    f"input[{index}] has {len(ids)} tokens, more than the maximum of "
+                    f"{max_seq}; shorten it, or send 'long_input': 'truncate' or 'chunk'",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+            if len(ids) > fits and long_input == "error":
+                raise ApiError(
+                    413,
+                    f"input[{index}] has {len(ids)} tokens; the largest text that fits this "
+                    f"server's memory budget has {fits} tokens; shorten it, or send "
+                    "'long_input': 'truncate' or 'chunk'",
+                    param="input",
+                    code="input_too_large_for_memory",
+                )
+            fitted.append(Windows((tuple(encoder.truncate(ids, fits)),), 0))
         return fitted
 
     def speed(self) -> dict[str, object]:
         """What the scheduler has learnt about forward passes (None until measured)."""
         pace = self.scheduler.pace
-        line = pace.line()
-        rate = self.scheduler.tokens_per_s
+        curve = pace.curve()
+        sample = pace.predict(1, 512)
         return {
             "passes_observed": pace.passes,
-            "pass_overhead_ms": None if line is None else round(line[0] * 1000, 3),
+            "pass_overhead_ms": None if curve is None else round(curve[0] * 1000, 3),
             "pass_overhead_tokens": round(pace.overhead_tokens, 1),
-            "tokens_per_s": None if rate is None else round(rate, 1),
+            "us_per_token": None if curve is None else round(curve[1] * 1e6, 3),
+            "us_per_token_per_1k_length": None if curve is None else round(curve[2] * 1e9, 4),
+            "tokens_per_s_at_512": None if sample is None else round(512 / sample, 1),
+            "express_lane": {
+                "max_tokens": self.lanes.express_tokens,
+                "open": self.scheduler.express_policy is not None,
+                "passes": self.scheduler.express_passes,
+            },
+            "passes_stopped_early": self.scheduler.abandoned_passes,
         }
 
     def health(self) -> dict[str, object]:
@@ -548,3 +585,36 @@ def _server_failed() -> ApiError:
 def _expected(exc: Exception) -> bool:
     """Startup failures whose message says everything (no stack trace needed)."""
     return isinstance(exc, MemoryTooSmallError | ModelConfigError | OSError)
+
+
+def _too_slow(exc: TooSlowError) -> ApiError:
+    return ApiError(
+        413,
+        f"input[{exc.index}] has {exc.tokens} tokens; at this server's measured pace it would "
+        f"take about {exc.estimate_s:.0f} s, more than the request deadline of "
+        f"{exc.deadline_s:g} s. Send a shorter text, or 'long_input': 'chunk' (windows run as "
+        "separate passes), or raise BGE_TRIO_REQUEST_TIMEOUT_S",
+        param="input",
+        code="input_too_slow_for_deadline",
+    )
+
+
+def _merged(
+    ids: list[list[int]], windows: list[Windows], results: list[Embedding], timing: Timing
+) -> Embedded:
+    """One result per input from its windows' results; usage counts every window's tokens."""
+    merged = []
+    start = 0
+    for w in windows:
+        merged.append(merge(results[start : start + len(w.token_ids)], w))
+        start += len(w.token_ids)
+    chunked = any(len(w.token_ids) > 1 for w in windows)
+    return Embedded(
+        merged,
+        [
+            list(full) if len(w.token_ids) > 1 else list(w.token_ids[0])
+            for full, w in zip(ids, windows, strict=True)
+        ],
+        timing,
+        embedded_tokens=sum(w.tokens for w in windows) if chunked else None,
+    )

@@ -27,6 +27,12 @@ _EMBED_FIELDS: dict[str, Any] = {
     "input": _TEXTS,
     "model": {"type": "string"},
     "user": {"type": "string"},
+    "long_input": {
+        "type": "string",
+        "enum": ["truncate", "error", "chunk"],
+        "description": "what to do with an input longer than the server allows "
+        "(default: the server's BGE_TRIO_LONG_INPUT)",
+    },
 }
 _FORMAT = {"type": "string", "enum": ["float", "base64"], "default": "float"}
 _DIMENSIONS = {"type": "integer", "minimum": 1}

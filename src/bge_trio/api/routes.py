@@ -49,7 +49,10 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
             max_items=service.settings.max_batch,
             max_chars=service.settings.max_input_chars,
         )
-        embedded = await within_deadline(service.embed, inputs.texts, inputs.token_ids, outputs)
+        long_input = schemas.parse_long_input(payload)
+        embedded = await within_deadline(
+            service.embed, inputs.texts, inputs.token_ids, outputs, long_input
+        )
         note_usage(len(inputs), embedded.prompt_tokens, embedded.timing)
         return embedded
 
@@ -243,10 +246,17 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         body: dict[str, Any] = {
             "version": __version__,
             "status": service.status,
-            "workers": service.settings.workers,
+            "workers": service.lanes.workers,
+            "threads_per_pass": service.lanes.threads,
+            "express_lane": {
+                "max_tokens": service.lanes.express_tokens,
+                "threads": service.lanes.express_threads,
+                "regular_threads_beside_it": service.lanes.shared_threads,
+            },
             "processes": service.settings.processes,
             "max_batch": service.settings.max_batch,
-            "truncate": service.settings.truncate,
+            "long_input": service.settings.long_input,
+            "truncate": service.settings.long_input == "truncate",
         }
         if service.cpu is not None:
             body["cpu"] = {
@@ -263,6 +273,7 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
                     "dimension": info.dimension,
                     "max_seq_length": info.max_seq_length,
                     "dtype": info.dtype,
+                    "dtype_reason": info.dtype_reason,
                     "pooling": info.pooling,
                     "outputs": sorted(info.outputs),
                 }

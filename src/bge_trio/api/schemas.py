@@ -12,6 +12,7 @@ from typing import Any, Literal
 import attrs
 import orjson
 
+from bge_trio.config import LONG_INPUTS, LongInput
 from bge_trio.errors import ApiError, invalid
 from bge_trio.scoring import Weights
 
@@ -153,6 +154,20 @@ def parse_flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise invalid(f"'{name}' must be true or false", param=name, code="invalid_type")
     return value
+
+
+def parse_long_input(body: dict[str, Any]) -> LongInput | None:
+    """The request's ``long_input`` policy, or None for the server's default."""
+    value = body.get("long_input")
+    if value is None:
+        return None
+    if value not in LONG_INPUTS:
+        raise invalid(
+            f"'long_input' must be one of {', '.join(LONG_INPUTS)}, not {value!r}",
+            param="long_input",
+            code="invalid_long_input",
+        )
+    return value  # type: ignore[no-any-return]
 
 
 def check_model(body: dict[str, Any]) -> None:

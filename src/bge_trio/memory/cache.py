@@ -80,6 +80,7 @@ class CachedFit:
     model: CostModel
     points: tuple[Point, ...]
     method: str
+    pass_seconds: tuple[tuple[int, int, float], ...] = ()
 
 
 class ProbeCache:
@@ -110,13 +111,19 @@ class ProbeCache:
                 Point(int(p["batch"]), int(p["seq"]), int(p["peak_bytes"]))
                 for p in data.get("points", [])
             )
-            return CachedFit(model, points, str(data.get("method", "unknown")))
+            timed = tuple((int(b), int(s), float(t)) for b, s, t in data.get("pass_seconds", []))
+            return CachedFit(model, points, str(data.get("method", "unknown")), timed)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("probe cache %s is corrupt (%s); probing again", path, exc)
             return None
 
     def store(
-        self, key: CacheKey, model: CostModel, points: tuple[Point, ...], method: str
+        self,
+        key: CacheKey,
+        model: CostModel,
+        points: tuple[Point, ...],
+        method: str,
+        pass_seconds: tuple[tuple[int, int, float], ...] = (),
     ) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = {
@@ -126,6 +133,8 @@ class ProbeCache:
             "c": model.c,
             "method": method,
             "points": [attrs.asdict(p) for p in points],
+            # the probe's passes timed at full depth: a first estimate of the pace
+            "pass_seconds": [list(timed) for timed in pass_seconds],
         }
         path = self.path_for(key)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".probe-", suffix=".tmp")

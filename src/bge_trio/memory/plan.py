@@ -71,6 +71,8 @@ class MemoryPlan:
     probe_seconds: float | None = None
     detail: str | None = None
     cache_key: CacheKey | None = None  # where a confirmed correction is kept
+    # (batch, seq, seconds at full depth) of the probe's passes: a first pace estimate
+    pass_seconds: tuple[tuple[int, int, float], ...] = ()
 
     @property
     def residuals(self) -> list[float]:
@@ -136,7 +138,9 @@ def synthetic_forward(encoder: Encoder) -> Callable[[int, int], object]:
     return forward
 
 
-def measure_budget(encoder: Encoder, settings: Settings, root: Path = Path("/")) -> Budget:
+def measure_budget(
+    encoder: Encoder, settings: Settings, root: Path = Path("/"), *, workers: int | None = None
+) -> Budget:
     """Make every weight resident, warm up, hand freed memory back, size the workspace.
 
     The resident size is read after every weight has been copied into memory, a warm-up
@@ -152,7 +156,7 @@ def measure_budget(encoder: Encoder, settings: Settings, root: Path = Path("/"))
         resident_bytes(),
         settings.memory_headroom_bytes,
         settings.memory_safety,
-        settings.workers,
+        workers or settings.workers or 1,
         settings.processes,
         weights_bytes=weights,
     )
@@ -198,9 +202,24 @@ def _probe_or_cache(
                 f"only {len(shapes)} probe shape(s) fit the per-forward budget of "
                 f"{budget.workspace_bytes} bytes"
             )
-        with encoder.shallow(PROBE_LAYERS):
+        with encoder.shallow(PROBE_LAYERS) as depth:
             run = run_probe(synthetic_forward(encoder), shapes, meter=meter, progress=progress)
-        return MemoryPlan("complete", run.fit.model, budget, run.points, run.method, run.seconds)
+        # Layers dominate a pass's time; scaling a shallow pass to full depth slightly
+        # overstates the embeddings' and heads' part, which errs towards refusing.
+        scale = max(1, encoder.layers) / max(1, depth)
+        timed = tuple(
+            (p.batch, p.seq, seconds * scale)
+            for p, seconds in zip(run.points, run.pass_seconds, strict=True)
+        )
+        return MemoryPlan(
+            "complete",
+            run.fit.model,
+            budget,
+            run.points,
+            run.method,
+            run.seconds,
+            pass_seconds=timed,
+        )
 
     try:
         with cache.probe_lock(key):
@@ -209,13 +228,21 @@ def _probe_or_cache(
                 if hit is not None:
                     log.info("probe cache hit: %s", cache.path_for(key))
                     return MemoryPlan(
-                        "cache_hit", hit.model, budget, hit.points, hit.method, cache_key=key
+                        "cache_hit",
+                        hit.model,
+                        budget,
+                        hit.points,
+                        hit.method,
+                        cache_key=key,
+                        pass_seconds=hit.pass_seconds,
                     )
             plan = _failsafe(probe, budget)
             if plan.status == "complete":
                 plan = attrs.evolve(plan, cache_key=key)
                 try:
-                    path = cache.store(key, plan.cost, plan.points, plan.method or "")
+                    path = cache.store(
+                        key, plan.cost, plan.points, plan.method or "", plan.pass_seconds
+                    )
                     log.info("probe result cached in %s", path)
                 except OSError as exc:  # keep the result; only the next start pays again
                     log.warning("could not write the probe cache (%s)", exc)

@@ -195,6 +195,7 @@ class ProbeRun:
     fit: Fit
     method: str
     seconds: float
+    pass_seconds: tuple[float, ...] = ()  # each point's fastest measured pass
 
 
 def _warm_up_shape(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -233,14 +234,20 @@ def run_probe(
     total_work = sum(_work(*shape) for shape in shapes)
     done_work = 0.0
     points = []
+    timings = []
     for done, (batch, seq) in enumerate(shapes, start=1):
-        peak = max(meter.measure(partial(forward, batch, seq)) for _ in range(repeats))
-        point = Point(batch, seq, peak)
+        peaks, times = [], []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            peaks.append(meter.measure(partial(forward, batch, seq)))
+            times.append(time.perf_counter() - began)
+        point = Point(batch, seq, max(peaks))
         points.append(point)
+        timings.append(min(times))
         done_work += _work(batch, seq)
         if progress is not None:
             elapsed = time.perf_counter() - started
             remaining = elapsed * (total_work - done_work) / done_work if done_work else 0.0
             progress(ProbeProgress(done, len(shapes), point, elapsed, remaining))
     fit = fit_cost_model(points)
-    return ProbeRun(tuple(points), fit, meter.method, time.perf_counter() - started)
+    return ProbeRun(tuple(points), fit, meter.method, time.perf_counter() - started, tuple(timings))

@@ -1,20 +1,23 @@
 """The scheduler task: packs texts from all waiting requests into memory-safe batches.
 
-Requests send one :class:`WorkItem` per text into a bounded memory channel and
-wait on their :class:`Ticket`. One scheduler task per process runs this loop:
+Requests queue one :class:`WorkItem` per text and wait on their :class:`Ticket`.
+One scheduler task per process runs this loop:
 
 1. wait for work;
-2. take a token of the inference gate (this is where everything waits while the
-   gate is closed at startup, and where batches wait for a free worker);
+2. wait for a lane: a token of the inference gate (a regular worker; this is where
+   everything waits while the gate is closed at startup), or, while every regular
+   worker is busy, the express lane for short texts (see :mod:`.lanes`);
 3. while other requests are still being tokenised, give them up to ``batch_wait_s``
    (measured from the oldest waiting text) to join; drop texts whose request was
    cancelled; plan one batch with :func:`plan_batch`, weighing padding against the
    cost of a pass as measured by :class:`PassPace`;
-4. start the forward pass in a worker thread, in a child task that keeps the gate
-   token until the pass ends, and loop.
+4. start the forward pass on the lane's thread, in a child task that keeps the lane
+   until the pass ends, and loop.
 
-Because a batch is planned only once a worker is free, everything that queued
-while the previous pass ran can share the next one.
+Because a batch is planned only once a lane is free, everything that queued while
+the previous pass ran can share the next one. Between encoder layers a pass checks
+whether anyone still waits for it (a pass whose requests all timed out or went away
+stops there) and how many threads it may use.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import trio
 
 from bge_trio.memory.cost import CONSERVATIVE
 from bge_trio.memory.probe import PeakMeter
-from bge_trio.model.encoder import Embedding, Output
+from bge_trio.model.encoder import BetweenLayers, Embedding, Output, PassAbandoned, set_threads
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.gate import Gate
+from bge_trio.scheduler.lanes import Lanes, plan_lanes
 from bge_trio.scheduler.pace import PassPace
 from bge_trio.scheduler.threads import PinnedThread
 from bge_trio.scheduler.work import Ticket, WorkItem
@@ -41,7 +45,7 @@ from bge_trio.scheduler.work import Ticket, WorkItem
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Runner = Callable[[Sequence[Sequence[int]], frozenset[Output]], list[Embedding]]
+Runner = Callable[[Sequence[Sequence[int]], frozenset[Output], BetweenLayers], list[Embedding]]
 # (batch, padded length, measured peak bytes) of a pass that ran alone
 PeakListener = Callable[[int, int, int], None]
 
@@ -82,6 +86,21 @@ class BatchFailedError(RuntimeError):
 class QueueFullError(RuntimeError):
     """Admitting the request would take the queue past its bound (a 429 for the client)."""
 
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooSlowError(RuntimeError):
+    """One text of the request alone would run past the deadline (a 413 for the client)."""
+
+    def __init__(self, index: int, tokens: int, estimate_s: float, deadline_s: float) -> None:
+        super().__init__(f"input[{index}] would take about {estimate_s:.0f} s")
+        self.index = index
+        self.tokens = tokens
+        self.estimate_s = estimate_s
+        self.deadline_s = deadline_s
+
 
 class Scheduler:
     def __init__(
@@ -90,6 +109,7 @@ class Scheduler:
         gate: Gate,
         policy: BatchPolicy,
         *,
+        lanes: Lanes | None = None,
         batch_wait_s: float = 0.002,
         max_queue_items: int = 4096,
         max_queue_tokens: int = 1 << 20,
@@ -97,26 +117,33 @@ class Scheduler:
         observer: Observer | None = None,
         meter: PeakMeter | None = None,
         on_peak: PeakListener | None = None,
+        threads: Callable[[int], None] = set_threads,
     ) -> None:
         self._runner = runner
         self._gate = gate
-        self.policy = policy  # replaced once the memory model is known
+        self.lanes = lanes or plan_lanes(gate.workers, gate.workers, express_tokens=0)
+        self._set_threads = threads
+        self.policy = policy
+        self.given_policy = policy  # before the express lane's share is set aside
+        self.express_policy: BatchPolicy | None = None
+        self.set_policy(policy)
         self._batch_wait_s = batch_wait_s
         self.max_queue_items = max_queue_items
         self.max_queue_tokens = max_queue_tokens
         self.max_wait_s = max_wait_s
-        self.tokens_per_s: float | None = None  # per forward pass, smoothed
         self.pace = PassPace()
-        # Admission control bounds what is queued, so the channel itself never has to
-        # push back; its capacity only needs to exceed the largest admissible queue.
-        self._send, self._receive = trio.open_memory_channel[WorkItem](max_queue_items + 100_000)
         self._pending: list[WorkItem] = []  # oldest first
+        self._wake = trio.Event()  # set when work arrives or a lane frees up
         self._observer: Observer = observer or _Unobserved()
         self.queued_items = 0  # admitted texts not yet in a forward pass (or dropped)
         self.queued_tokens = 0
+        self._queued_work = 0  # sum of S² over queued texts: their attention
         self.forwarded_items = 0  # texts that reached the model, for observability
+        self.abandoned_passes = 0  # stopped between layers: nobody waited any more
+        self.express_passes = 0
         self.consecutive_failures = 0
         self._threads: list[PinnedThread] = []  # while run() runs
+        self._express_busy = False
         self._arriving = 0  # requests being tokenised, about to submit
         # Per-pass peaks: the kernel's high-water mark is per process, so only a pass
         # that started and ended with no other pass in flight is measured.
@@ -124,6 +151,26 @@ class Scheduler:
         self._on_peak = on_peak
         self._in_flight = 0
         self._passes_started = 0
+
+    def set_policy(self, policy: BatchPolicy) -> None:
+        """The limits of regular passes, and of express passes beside them.
+
+        An express pass runs beside a regular one, so its worst case (one text of
+        ``express_tokens``, or that many padded tokens of shorter ones) is set aside
+        from the regular workspace. Where that would take more than a tenth of it, the
+        express lane stays shut: memory comes first.
+        """
+        self.given_policy = policy
+        tokens = self.lanes.express_tokens
+        reserve = policy.cost.predict(1, tokens) if tokens else math.inf
+        if tokens and reserve <= 0.1 * policy.workspace_bytes:
+            self.express_policy = BatchPolicy(
+                policy.cost, reserve, max_batch_tokens=tokens, max_batch_items=tokens
+            )
+            self.policy = attrs.evolve(policy, workspace_bytes=policy.workspace_bytes - reserve)
+        else:
+            self.express_policy = None
+            self.policy = policy
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -137,6 +184,7 @@ class Scheduler:
             yield
         finally:
             self._arriving -= 1
+            self._wake.set()
 
     async def on_forward_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run other torch work (loading, the probe) on the first forward thread.
@@ -162,29 +210,23 @@ class Scheduler:
         """Queue every text of one request and wait for all results, in input order.
 
         If the caller is cancelled, the request's texts that have not started yet are
-        dropped. A failed forward pass raises BatchFailedError.
+        dropped, and a pass whose texts are all dropped stops at its next layer. A
+        failed forward pass raises BatchFailedError.
         """
         self._admit(token_lists)
         ticket = Ticket(outputs, len(token_lists))
-        sent = 0
+        now = trio.current_time()
+        # All at once, no checkpoint: the scheduler must see a request's texts together,
+        # or it plans a pass from the first few and the rest wait for the next.
+        self._pending.extend(
+            WorkItem(ticket, index, ids, now) for index, ids in enumerate(token_lists)
+        )
+        self._wake.set()
         try:
-            now = trio.current_time()
-            for index, ids in enumerate(token_lists):
-                item = WorkItem(ticket, index, ids, now)
-                # No checkpoint between a request's texts: the scheduler must see them all
-                # at once, or it plans a pass from the first few and the rest wait for the next.
-                try:
-                    self._send.send_nowait(item)
-                except trio.WouldBlock:
-                    await self._send.send(item)
-                sent += 1
             await ticket.done.wait()
         except BaseException:
             ticket.cancelled = True
-            unsent = token_lists[sent:]  # admitted but never queued
-            self.queued_items -= len(unsent)
-            self.queued_tokens -= sum(len(ids) for ids in unsent)
-            self._observer.queue_changed(self.queued_items, self.queued_tokens)
+            self._wake.set()
             raise
         if ticket.error is not None:
             raise BatchFailedError("forward pass failed") from ticket.error
@@ -195,125 +237,208 @@ class Scheduler:
     def _admit(self, token_lists: Sequence[Sequence[int]]) -> None:
         """All or nothing: a request is queued whole, or refused whole.
 
-        An empty queue admits any request, so one larger than the bounds still runs
-        when the server is otherwise idle.
+        A text that alone would run past the deadline is refused (TooSlowError) even
+        on an idle server; otherwise an empty queue admits any request, so one larger
+        than the bounds still runs when the server is otherwise idle.
         """
-        items = len(token_lists)
-        tokens = sum(len(ids) for ids in token_lists)
-        if self.queued_items and (
-            self.queued_items + items > self.max_queue_items
-            or self.queued_tokens + tokens > self.max_queue_tokens
-            or self.expected_wait_s(tokens) > self.max_wait_s
-        ):
-            raise QueueFullError(
-                f"{self.queued_items} texts ({self.queued_tokens} tokens) are already queued"
-            )
+        lengths = [len(ids) for ids in token_lists]
+        for index, length in enumerate(lengths):
+            alone = self.pace.predict(1, length)
+            if alone is not None and alone > self.max_wait_s:
+                raise TooSlowError(index, length, alone, self.max_wait_s)
+        items = len(lengths)
+        tokens = sum(lengths)
+        if self.queued_items:
+            wait = self.expected_wait_s(lengths)
+            if (
+                self.queued_items + items > self.max_queue_items
+                or self.queued_tokens + tokens > self.max_queue_tokens
+                or wait > self.max_wait_s
+            ):
+                raise QueueFullError(
+                    f"{self.queued_items} texts ({self.queued_tokens} tokens) are already "
+                    f"queued; this request would finish in about {wait:.0f} s",
+                    retry_after_s=max(1.0, wait - self.max_wait_s),
+                )
         self.queued_items += items
         self.queued_tokens += tokens
+        self._queued_work += sum(length * length for length in lengths)
         self._observer.queue_changed(self.queued_items, self.queued_tokens)
 
-    def expected_wait_s(self, extra_tokens: int = 0) -> float:
-        """How long the queue (plus ``extra_tokens``) takes at the measured speed; 0 if unknown.
+    def expected_wait_s(self, lengths: Sequence[int] = ()) -> float:
+        """How long the queue plus texts of ``lengths`` take at the learnt pace; 0 if unknown.
 
         A request that would wait longer than its deadline is better refused now (429,
-        retry elsewhere) than accepted and timed out later (504, work wasted).
+        retry elsewhere) than accepted and timed out later (504, work wasted). Texts
+        short enough for the express lane do not wait behind the long ones; only the
+        short work queued counts for them.
         """
-        if not self.tokens_per_s:
+        curve = self.pace.curve()
+        if curve is None:
             return 0.0
-        rate = self.tokens_per_s * self._gate.workers
-        return (self.queued_tokens + extra_tokens) / rate
+        t0, t1, t2 = curve
+        express = self.express_policy is not None and all(
+            length <= self.lanes.express_tokens for length in lengths
+        )
+        queued = [
+            item.length
+            for item in self._pending
+            if not express or item.length <= self.lanes.express_tokens
+        ]
+        everything = [*queued, *lengths]
+        tokens = sum(everything)
+        work = sum(length * length for length in everything)
+        cap = self.policy.max_batch_tokens or tokens or 1
+        passes = 1 + tokens // cap
+        lanes = self.lanes.workers + (1 if express else 0)
+        return (passes * t0 + tokens * t1 + work * t2) / lanes
 
     def _dequeue(self, items: Sequence[WorkItem]) -> None:
         self.queued_items -= len(items)
         self.queued_tokens -= sum(item.length for item in items)
+        self._queued_work -= sum(item.length * item.length for item in items)
         self._observer.queue_changed(self.queued_items, self.queued_tokens)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The scheduler loop; runs until cancelled."""
+        lanes = self.lanes
         # One pinned thread per gate token: holding a token means a thread is free.
         idle = [PinnedThread(f"bge-trio-forward-{i}") for i in range(self._gate.workers)]
-        threads = list(idle)
-        self._threads = threads
+        express = PinnedThread("bge-trio-express") if lanes.express else None
+        threads = [*idle, *([express] if express else [])]
         try:
+            for thread in idle:
+                await thread.run(self._set_threads, lanes.threads)
+            if express is not None:
+                await express.run(self._set_threads, lanes.express_threads)
+            self._threads = list(idle)
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
-                    if not self._pending:
-                        self._pending.append(await self._receive.receive())
+                    while not self._pending:
+                        await self._changed()
                     borrower = object()
-                    await self._gate.limiter.acquire_on_behalf_of(borrower)
+                    await self._gate.wait_open()
+                    on_express = await self._free_lane(borrower)
                     try:
                         await self._gather_company()
-                        batch = self._take_batch()
+                        batch = self._take_batch(on_express)
                     except BaseException:
-                        self._gate.limiter.release_on_behalf_of(borrower)
+                        self._release(on_express, borrower)
                         raise
                     if not batch:
-                        self._gate.limiter.release_on_behalf_of(borrower)
+                        self._release(on_express, borrower)
                         continue
-                    nursery.start_soon(self._run_batch, batch, borrower, idle)
+                    if on_express:
+                        assert express is not None
+                        self._express_busy = True
+                        nursery.start_soon(self._run_batch, batch, borrower, [express], True)
+                    else:
+                        nursery.start_soon(self._run_batch, batch, borrower, idle, False)
         finally:
             self._threads = []
             for thread in threads:
                 thread.close()
 
+    async def _changed(self) -> None:
+        """Wait until work arrives, a request goes, or a lane frees up."""
+        await self._wake.wait()
+        self._wake = trio.Event()
+
+    async def _free_lane(self, borrower: object) -> bool:
+        """Wait for a regular worker (False) or, for short work, the express lane (True)."""
+        while True:
+            try:
+                self._gate.limiter.acquire_on_behalf_of_nowait(borrower)
+                return False
+            except trio.WouldBlock:
+                pass
+            if self._express_work():
+                self._express_busy = True
+                return True
+            await self._changed()
+
+    def _express_work(self) -> bool:
+        if self.express_policy is None or self._express_busy:
+            return False
+        limit = self.lanes.express_tokens
+        return any(item.length <= limit and not item.abandoned for item in self._pending)
+
+    def _release(self, on_express: bool, borrower: object) -> None:
+        if on_express:
+            self._express_busy = False
+        else:
+            self._gate.limiter.release_on_behalf_of(borrower)
+        self._wake.set()
+
     def fail_all(self, error: BaseException) -> None:
         """Answer every queued text with ``error`` (used when the scheduler cannot go on)."""
-        self._drain()
         for item in self._pending:
             item.ticket.fail(error)
         self._dequeue(self._pending)
         self._pending = []
 
-    def _drain(self) -> None:
-        while True:
-            try:
-                self._pending.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                return
-
     async def _gather_company(self) -> None:
         """While requests are on their way, let them join, up to ``batch_wait_s``
         after the oldest text queued."""
-        self._drain()
         if not self._pending or self._batch_wait_s <= 0:
             return
         deadline = self._pending[0].enqueued_at + self._batch_wait_s
         with trio.move_on_at(deadline):
             while self._arriving:
-                self._pending.append(await self._receive.receive())
-                self._drain()
+                await self._changed()
 
-    def _take_batch(self) -> list[WorkItem]:
-        self._drain()
+    def _take_batch(self, on_express: bool) -> list[WorkItem]:
         dropped = [item for item in self._pending if item.abandoned]
         if dropped:
             self._dequeue(dropped)
             self._pending = [item for item in self._pending if not item.abandoned]
-        if not self._pending:
+        if on_express:
+            assert self.express_policy is not None
+            policy = self.express_policy
+            limit = self.lanes.express_tokens
+            candidates = [i for i, item in enumerate(self._pending) if item.length <= limit]
+        else:
+            policy = self.policy
+            candidates = list(range(len(self._pending)))
+        if not candidates:
             return []
-        chosen = plan_batch(
-            [item.length for item in self._pending], self.policy, self.pace.overhead_tokens
-        )
-        picked = set(chosen)
+        lengths = [self._pending[i].length for i in candidates]
+        chosen = {candidates[i] for i in plan_batch(lengths, policy, self.pace.overhead_tokens)}
         batch = [self._pending[i] for i in sorted(chosen)]
-        self._pending = [item for i, item in enumerate(self._pending) if i not in picked]
+        self._pending = [item for i, item in enumerate(self._pending) if i not in chosen]
         self._dequeue(batch)
         return batch
 
     async def _run_batch(
-        self, batch: list[WorkItem], borrower: object, idle: list[PinnedThread]
+        self,
+        batch: list[WorkItem],
+        borrower: object,
+        idle: list[PinnedThread],
+        on_express: bool,
     ) -> None:
         thread = idle.pop()
         started = trio.current_time()
-        padded = len(batch) * max(item.length for item in batch)
+        width = max(item.length for item in batch)
+        padded = len(batch) * width
         try:
             outputs: frozenset[Output] = frozenset().union(*(i.ticket.outputs for i in batch))
             self.forwarded_items += len(batch)
+            self.express_passes += on_express
             self._observer.batch_started(
                 len(batch), padded, [started - item.enqueued_at for item in batch]
             )
-            results = await self._forward(thread, batch, outputs)
+            results = await self._forward(
+                thread, batch, outputs, self._between_layers(batch, on_express)
+            )
+        except PassAbandoned:
+            self.abandoned_passes += 1
+            self._observer.batch_finished(trio.current_time() - started, ok=True)
+            log.info(
+                "stopped a pass of %d texts (%d tokens) between layers: nobody waits for it",
+                len(batch),
+                padded,
+            )
         except Exception as exc:
             self._observer.batch_finished(trio.current_time() - started, ok=False)
             self.consecutive_failures += 1
@@ -323,24 +448,41 @@ class Scheduler:
         else:
             elapsed = trio.current_time() - started
             self._observer.batch_finished(elapsed, ok=True)
-            self.pace.observe(padded, elapsed)
+            if not on_express and not self._express_busy:
+                # express passes and regular ones that shared the cores run slower than
+                # a regular pass alone, which is what admission estimates
+                self.pace.observe(padded, elapsed, seq=width)
             for ticket in {id(item.ticket): item.ticket for item in batch}.values():
                 ticket.inference_s += elapsed
             for item in batch:
                 item.ticket.queue_s = max(item.ticket.queue_s, started - item.enqueued_at)
             self.consecutive_failures = 0
-            if elapsed > 0:
-                rate = sum(item.length for item in batch) / elapsed
-                previous = self.tokens_per_s
-                self.tokens_per_s = rate if previous is None else 0.8 * previous + 0.2 * rate
             for item, result in zip(batch, results, strict=True):
                 item.ticket.deliver(item.index, result)
         finally:
             idle.append(thread)
-            self._gate.limiter.release_on_behalf_of(borrower)
+            self._release(on_express, borrower)
+
+    def _between_layers(self, batch: list[WorkItem], on_express: bool) -> BetweenLayers:
+        """Runs on the pass's thread before each layer: stop if nobody waits, pick threads."""
+        lanes = self.lanes
+
+        def between_layers() -> None:
+            if all(item.abandoned for item in batch):
+                raise PassAbandoned
+            if on_express:
+                self._set_threads(lanes.express_threads)
+            else:
+                self._set_threads(lanes.shared_threads if self._express_busy else lanes.threads)
+
+        return between_layers
 
     async def _forward(
-        self, thread: PinnedThread, batch: list[WorkItem], outputs: frozenset[Output]
+        self,
+        thread: PinnedThread,
+        batch: list[WorkItem],
+        outputs: frozenset[Output],
+        between_layers: BetweenLayers,
     ) -> list[Embedding]:
         """Run the pass, measuring its peak when it runs alone."""
         ids = [item.token_ids for item in batch]
@@ -350,12 +492,14 @@ class Scheduler:
         generation = self._passes_started
         try:
             if not (alone and self._meter is not None and self._on_peak is not None):
-                plain: list[Embedding] = await thread.run(self._runner, ids, outputs)
+                plain: list[Embedding] = await thread.run(
+                    self._runner, ids, outputs, between_layers
+                )
                 return plain
             results: list[Embedding]
             peak: int
             results, peak = await thread.run(
-                self._meter.measure_pass, partial(self._runner, ids, outputs)
+                self._meter.measure_pass, partial(self._runner, ids, outputs, between_layers)
             )
         finally:
             self._in_flight -= 1
