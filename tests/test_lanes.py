@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.lanes import plan_lanes
 from bge_trio.scheduler.scheduler import QueueFullError, Scheduler, TooSlowError
+from tests.conftest import running_server
 
 LONG, SHORT = 40, 6
 POLICY = BatchPolicy(CostModel(1.0, 0.0), 10_000.0)
@@ -265,3 +268,31 @@ def test_the_express_lane_shuts_where_its_memory_would_crowd_regular_passes() ->
 def test_lanes_divide_the_cores(cpu: int, workers: int | None, expected: tuple[int, ...]) -> None:
     lanes = plan_lanes(cpu, workers)
     assert (lanes.workers, lanes.threads, lanes.shared_threads, lanes.express_threads) == expected
+
+
+async def test_the_server_refuses_a_text_it_cannot_finish_in_time_with_the_estimate(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    settings = settings_for(tiny_model_dir, request_timeout_s=2.0)
+    async with running_server(settings) as server:
+        # as the probe's timed passes (or earlier traffic) would have taught it
+        server.service.scheduler.pace.seed(
+            (b, s, 0.01 + b * s * (0.001 + 1e-5 * s)) for b, s in [(1, 40), (4, 100), (1, 400)] * 4
+        )
+        text = " ".join(["word"] * 300)
+        tokens = min(512, len(server.service.encoder.tokenize([text])[0]))  # type: ignore[union-attr]
+        r = await server.client.post("/v1/embeddings", json={"input": ["hi", text]})
+        ok = await server.client.post("/v1/embeddings", json={"input": ["hi"]})
+        health = (await server.client.get("/health")).json()
+    assert r.status_code == 413
+    error = r.json()["error"]
+    assert error["code"] == "input_too_slow_for_deadline"
+    assert error["param"] == "input"
+    assert "input[1]" in error["message"]
+    assert f"input[1] has {tokens} tokens" in error["message"]
+    estimate = 0.01 + tokens * (0.001 + 1e-5 * tokens)
+    assert estimate > 2.0
+    assert f"about {estimate:.0f} s, more than the request deadline of 2 s" in error["message"]
+    assert "BGE_TRIO_REQUEST_TIMEOUT_S" in error["message"]
+    assert ok.status_code == 200
+    assert health["queued_items"] == 0

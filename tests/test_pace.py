@@ -89,3 +89,32 @@ def test_each_join_adds_at_most_the_overhead_in_padding(
     width = max(lengths[i] for i in chosen)
     padding = sum(width - lengths[i] for i in chosen)
     assert padding <= overhead * (len(chosen) - 1) + 1e-9
+
+
+def test_attention_makes_long_texts_cost_more_per_token_and_the_curve_sees_it() -> None:
+    pace = PassPace()
+    shapes = [(32, 16), (8, 128), (4, 256), (1, 1024), (2, 2048), (1, 8000), (16, 64), (1, 4000)]
+    for batch, seq in shapes:
+        pace.observe(batch * seq, 0.005 + batch * seq * (2e-4 + 3e-8 * seq), seq=seq)
+    curve = pace.curve()
+    assert curve is not None
+    assert curve[0] == pytest.approx(0.005, rel=1e-4)
+    assert curve[1] == pytest.approx(2e-4, rel=1e-4)
+    assert curve[2] == pytest.approx(3e-8, rel=1e-4)
+    # an 8,000-token text costs 2.2x per token what a 256-token one does
+    assert pace.predict(1, 8000) == pytest.approx(0.005 + 8000 * (2e-4 + 2.4e-4), rel=1e-4)
+    linear = PassPace()
+    for batch, seq in shapes:  # the same passes without their lengths: a line only
+        linear.observe(batch * seq, 0.005 + batch * seq * (2e-4 + 3e-8 * seq))
+    fitted = linear.curve()
+    assert fitted is not None
+    assert fitted[2] == 0.0
+
+
+def test_a_seed_of_timed_passes_gives_an_estimate_before_any_pass_runs() -> None:
+    pace = PassPace()
+    assert pace.predict(1, 1000) is None
+    pace.seed((b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in [(2, 8192), (4, 2048)] * 2)
+    assert pace.predict(1, 1000) is None  # too few passes to trust
+    pace.seed((b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in [(16, 512), (2, 1024)] * 2)
+    assert pace.predict(1, 1000) == pytest.approx(0.01 + 1000 * 2e-3, rel=1e-4)

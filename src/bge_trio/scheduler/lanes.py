@@ -8,11 +8,11 @@ are small, so they run beside a long one instead of after it.
 
 Cores are split by the moment: a regular pass uses ``threads`` while the express lane
 is idle, and drops to ``shared_threads`` at its next encoder layer while an express
-pass runs, so the two never ask for more threads than there are cores for longer
-than one layer. Measured on the full-size BGE-M3 stand-in (2 cores): a 10-token query
-runs in ~0.6 s on one thread beside an 8,000-token pass on the other, instead of
-waiting minutes behind it; the long pass runs at one thread meanwhile (about 1.7x
-slower per layer than at two).
+pass runs (and for ``EXPRESS_LINGER_S`` after the last one), so the two never ask
+for more threads than there are cores for longer than one layer. Measured on the
+full-size BGE-M3 stand-in on 2 cores (docs/performance.md): short queries beside
+8,000-token documents are answered in seconds instead of waiting minutes behind them;
+the documents take 1.3-1.8x their time alone meanwhile.
 
 The express lane's passes are capped at ``express_tokens`` padded tokens, so their
 worst-case memory is small and known: it is set aside from the regular workspace
@@ -25,6 +25,10 @@ import attrs
 
 # Texts of at most this many tokens may take the express lane (queries, titles).
 EXPRESS_TOKENS = 256
+# A regular pass keeps sharing the cores this long after the last express pass ended:
+# queries come in streams, and a layer of an 8,000-token text runs for seconds at full
+# width, with every query that arrives meanwhile competing for an oversubscribed core.
+EXPRESS_LINGER_S = 2.0
 
 
 @attrs.frozen

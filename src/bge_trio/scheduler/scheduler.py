@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -37,7 +38,7 @@ from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import BetweenLayers, Embedding, Output, PassAbandoned, set_threads
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.gate import Gate
-from bge_trio.scheduler.lanes import Lanes, plan_lanes
+from bge_trio.scheduler.lanes import EXPRESS_LINGER_S, Lanes, plan_lanes
 from bge_trio.scheduler.pace import PassPace
 from bge_trio.scheduler.threads import PinnedThread
 from bge_trio.scheduler.work import Ticket, WorkItem
@@ -144,6 +145,7 @@ class Scheduler:
         self.consecutive_failures = 0
         self._threads: list[PinnedThread] = []  # while run() runs
         self._express_busy = False
+        self._express_ended = -math.inf  # time.monotonic(): read on the forward threads
         self._arriving = 0  # requests being tokenised, about to submit
         # Per-pass peaks: the kernel's high-water mark is per process, so only a pass
         # that started and ended with no other pass in flight is measured.
@@ -367,6 +369,7 @@ class Scheduler:
     def _release(self, on_express: bool, borrower: object) -> None:
         if on_express:
             self._express_busy = False
+            self._express_ended = time.monotonic()
         else:
             self._gate.limiter.release_on_behalf_of(borrower)
         self._wake.set()
@@ -472,8 +475,11 @@ class Scheduler:
                 raise PassAbandoned
             if on_express:
                 self._set_threads(lanes.express_threads)
-            else:
-                self._set_threads(lanes.shared_threads if self._express_busy else lanes.threads)
+                return
+            sharing = (
+                self._express_busy or time.monotonic() - self._express_ended < EXPRESS_LINGER_S
+            )
+            self._set_threads(lanes.shared_threads if sharing else lanes.threads)
 
         return between_layers
 

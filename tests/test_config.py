@@ -1,0 +1,60 @@
+"""Settings read from the environment: the new choices and their defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from bge_trio.config import ConfigError, Settings
+from bge_trio.model.encoder import choose_dtype
+
+
+def test_defaults_are_auto_and_truncate() -> None:
+    settings = Settings.from_env({})
+    assert settings.workers is None  # auto
+    assert settings.dtype == "auto"
+    assert settings.long_input == "truncate"
+    assert settings.express_tokens == 256
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "value"),
+    [
+        ({"BGE_TRIO_WORKERS": "auto"}, "workers", None),
+        ({"BGE_TRIO_WORKERS": "3"}, "workers", 3),
+        ({"BGE_TRIO_LONG_INPUT": "chunk"}, "long_input", "chunk"),
+        ({"BGE_TRIO_TRUNCATE": "false"}, "long_input", "error"),  # the older switch
+        ({"BGE_TRIO_TRUNCATE": "false", "BGE_TRIO_LONG_INPUT": "chunk"}, "long_input", "chunk"),
+        ({"BGE_TRIO_EXPRESS_TOKENS": "0"}, "express_tokens", 0),
+        ({"BGE_TRIO_DTYPE": "BF16"}, "dtype", "bf16"),
+    ],
+)
+def test_settings_read_their_variables(env: dict[str, str], field: str, value: object) -> None:
+    assert getattr(Settings.from_env(env), field) == value
+
+
+def test_an_overlap_that_leaves_a_window_no_new_tokens_is_refused() -> None:
+    with pytest.raises(ConfigError, match="CHUNK_OVERLAP=64 must be under half"):
+        Settings.from_env({"BGE_TRIO_CHUNK_WINDOW": "100"})
+    ok = Settings.from_env({"BGE_TRIO_CHUNK_WINDOW": "100", "BGE_TRIO_CHUNK_OVERLAP": "40"})
+    assert (ok.chunk_window, ok.chunk_overlap) == (100, 40)
+
+
+@pytest.mark.parametrize(
+    ("asked", "native", "served"),
+    [
+        ("auto", True, "bf16"),
+        ("auto", False, "fp32"),
+        ("bf16", False, "fp32"),
+        ("bf16", True, "bf16"),
+        ("fp32", True, "fp32"),
+        ("int8", False, "int8"),
+    ],
+)
+def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(
+    asked: str, native: bool, served: str
+) -> None:
+    dtype, reason = choose_dtype(asked, native)
+    assert dtype == served
+    assert reason  # /info says why
+    if asked == "auto":
+        assert reason.startswith("auto:")
