@@ -14,6 +14,7 @@ from bge_trio.memory.cost import CostModel
 from bge_trio.memory.plan import MemoryPlan
 from bge_trio.memory.probe import Progress
 from bge_trio.model.encoder import Encoder
+from bge_trio.model.source import ModelSource
 from tests.conftest import running_server
 
 
@@ -92,6 +93,40 @@ async def test_startup_wait_expires_with_503_and_retry_after(
         assert r.headers["retry-after"].isdigit()
         assert r.json()["error"]["code"] == "not_ready"
         probe.release.set()
+
+
+async def test_the_startup_wait_is_one_wait_from_arrival_through_loading_and_probing(
+    tiny_model_dir: Path, settings_for: Any
+) -> None:
+    """A request that waits for the model to load, then at the closed gate, gets its 503
+    one startup wait after it arrived, not one wait for each."""
+    probe = ControllableProbe()
+    loaded = threading.Event()
+
+    def slow_load(source: ModelSource, **kwargs: Any) -> Encoder:
+        assert loaded.wait(timeout=30)
+        return Encoder.load(source, **kwargs)
+
+    wait_s = 1.0
+    settings = settings_for(tiny_model_dir, startup_wait_s=wait_s)
+    async with running_server(
+        settings, ready=False, planner=probe, load_encoder=slow_load
+    ) as server:
+        elapsed: list[float] = []
+
+        async def request() -> None:
+            sent = trio.current_time()
+            r = await server.client.post("/v1/embeddings", json={"input": "too early"})
+            elapsed.append(trio.current_time() - sent)
+            assert r.status_code == 503
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await trio.sleep(0.6 * wait_s)  # still loading: the request waits in ready()
+            loaded.set()
+            await probe.wait_started()  # then probing: it waits at the closed gate
+        probe.release.set()
+    assert wait_s <= elapsed[0] < 1.4 * wait_s  # twice the wait would be 1.6 s here
 
 
 async def test_memory_too_small_fails_startup_clearly(

@@ -137,6 +137,7 @@ async def test_a_long_pass_gives_up_a_core_at_its_next_layer_while_express_runs(
 ) -> None:
     model = LayeredModel(tiny_encoder)
     scheduler = _scheduler(model)
+    _seed_quick(scheduler)  # a pass known to be short starts with every core
     regular = "bge-trio-forward-0"
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
@@ -153,6 +154,29 @@ async def test_a_long_pass_gives_up_a_core_at_its_next_layer_while_express_runs(
         assert (regular, 1) in model.threads_seen[seen:]  # one core left to the express lane
         assert ("bge-trio-express", 1) in model.threads_seen
         model.short_release.set()
+        model.let_go()
+        nursery.cancel_scope.cancel()
+
+
+def _seed_quick(scheduler: Scheduler) -> None:
+    scheduler.pace.seed((b, s, 0.001 + b * s * 1e-5) for b, s in [(1, 40), (4, 100), (1, 8)] * 4)
+
+
+async def test_a_pass_predicted_long_starts_on_shared_threads_then_takes_every_core(
+    tiny_encoder: Encoder,
+) -> None:
+    model = LayeredModel(tiny_encoder)
+    scheduler = _scheduler(model)  # nothing learnt yet: a long text may take minutes
+    regular = "bge-trio-forward-0"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        nursery.start_soon(scheduler.submit, [_text(LONG)], DENSE)
+        await trio.to_thread.run_sync(model.long_started.wait)
+        assert model.threads_seen[-1] == (regular, 1)  # a query arriving now finds a core
+        model.regular_chose_threads.clear()
+        model.steps.release()
+        await trio.to_thread.run_sync(model.regular_chose_threads.wait)
+        assert model.threads_seen[-1] == (regular, 2)  # the express lane is quiet
         model.let_go()
         nursery.cancel_scope.cancel()
 

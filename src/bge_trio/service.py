@@ -342,14 +342,15 @@ class EmbeddingService:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return list(self._require_encoder().tokenizer.convert_ids_to_tokens(list(ids)))
 
-    async def ready(self) -> Encoder:
-        """Wait (up to the startup wait) for the model to be loaded; 503 if it is not.
+    async def ready(self, arrived: float | None = None) -> Encoder:
+        """Wait (up to the startup wait from ``arrived``) for the model; 503 if not loaded.
 
         The model is needed to validate and tokenise a request. Its forward passes may
         still wait at the closed gate while the probe runs (see ``_submit``).
         """
         if self.encoder is None and self.status != "error":
-            with trio.move_on_after(self.settings.startup_wait_s):
+            start = trio.current_time() if arrived is None else arrived
+            with trio.move_on_at(start + self.settings.startup_wait_s):
                 await self._loaded_or_failed.wait()
         if self.status == "error":
             raise _server_failed()
@@ -398,6 +399,7 @@ class EmbeddingService:
         token_ids: Sequence[Sequence[int]] | None,
         outputs: frozenset[Output],
         long_input: LongInput | None = None,
+        arrived: float | None = None,
     ) -> Embedded:
         """Embed a request's inputs (texts or token id lists) in input order.
 
@@ -406,8 +408,8 @@ class EmbeddingService:
         ``truncate`` it, refuse it (``error``), or ``chunk`` it into overlapping
         windows whose results are merged (see :mod:`bge_trio.model.windows`).
         """
-        arrived = trio.current_time()
-        encoder = await self.ready()
+        arrived = trio.current_time() if arrived is None else arrived  # one startup wait
+        encoder = await self.ready(arrived)
         missing = outputs - encoder.info.outputs
         if missing:
             raise invalid(

@@ -42,7 +42,9 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         data = raw.encode() if isinstance(raw, str) else raw
         return schemas.parse_json_body(request.headers.get("Content-Type"), data)
 
-    async def embed(payload: dict[str, Any], outputs: frozenset[Output]) -> Embedded:
+    async def embed(
+        payload: dict[str, Any], outputs: frozenset[Output], arrived: float | None = None
+    ) -> Embedded:
         schemas.check_model(payload)
         inputs = schemas.parse_inputs(
             payload.get("input"),
@@ -51,7 +53,7 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         )
         long_input = schemas.parse_long_input(payload)
         embedded = await within_deadline(
-            service.embed, inputs.texts, inputs.token_ids, outputs, long_input
+            service.embed, inputs.texts, inputs.token_ids, outputs, long_input, arrived
         )
         note_usage(len(inputs), embedded.prompt_tokens, embedded.timing)
         return embedded
@@ -81,9 +83,10 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         """/v1/embeddings, and /v1/embeddings:both when ``outputs`` includes sparse."""
         fmt = schemas.parse_encoding_format(payload)
         return_tokens = schemas.parse_flag(payload, "return_tokens")
-        encoder = await service.ready()
+        arrived = trio.current_time()  # one startup wait in all, counted from here
+        encoder = await service.ready(arrived)
         dims = schemas.parse_dimensions(payload, encoder.info.dimension)
-        embedded = await embed(payload, outputs)
+        embedded = await embed(payload, outputs, arrived)
         data = []
         for i, e in enumerate(embedded.embeddings):
             item: dict[str, Any] = {

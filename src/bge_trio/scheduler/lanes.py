@@ -9,7 +9,8 @@ are small, so they run beside a long one instead of after it.
 Cores are split by the moment: a regular pass uses ``threads`` while the express lane
 is idle, and drops to ``shared_threads`` at its next encoder layer while an express
 pass runs (and for ``EXPRESS_LINGER_S`` after the last one), so the two never ask
-for more threads than there are cores for longer than one layer. Measured on the
+for more threads than there are cores for longer than one layer; a long pass starts
+shared (``LONG_PASS_S``). Measured on the
 full-size BGE-M3 stand-in on 2 cores (docs/performance.md): short queries beside
 8,000-token documents are answered in seconds instead of waiting minutes behind them;
 the documents take 1.3-1.8x their time alone meanwhile.
@@ -29,6 +30,11 @@ EXPRESS_TOKENS = 256
 # queries come in streams, and a layer of an 8,000-token text runs for seconds at full
 # width, with every query that arrives meanwhile competing for an oversubscribed core.
 EXPRESS_LINGER_S = 2.0
+# A regular pass predicted to run longer than this starts on the shared threads, so a
+# query that arrives during its first layer does not meet an oversubscribed core; from
+# its second layer on it takes every core while the express lane is quiet. Costs at
+# most one layer at reduced width (about 2 % of a 24-layer pass).
+LONG_PASS_S = 10.0
 
 
 @attrs.frozen

@@ -38,7 +38,7 @@ from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import BetweenLayers, Embedding, Output, PassAbandoned, set_threads
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.gate import Gate
-from bge_trio.scheduler.lanes import EXPRESS_LINGER_S, Lanes, plan_lanes
+from bge_trio.scheduler.lanes import EXPRESS_LINGER_S, LONG_PASS_S, Lanes, plan_lanes
 from bge_trio.scheduler.pace import PassPace
 from bge_trio.scheduler.threads import PinnedThread
 from bge_trio.scheduler.work import Ticket, WorkItem
@@ -469,6 +469,13 @@ class Scheduler:
     def _between_layers(self, batch: list[WorkItem], on_express: bool) -> BetweenLayers:
         """Runs on the pass's thread before each layer: stop if nobody waits, pick threads."""
         lanes = self.lanes
+        width = max(item.length for item in batch)
+        predicted = self.pace.predict(len(batch), width)
+        first = [
+            self.express_policy is not None
+            and width > lanes.express_tokens
+            and (predicted is None or predicted > LONG_PASS_S)
+        ]
 
         def between_layers() -> None:
             if all(item.abandoned for item in batch):
@@ -479,6 +486,8 @@ class Scheduler:
             sharing = (
                 self._express_busy or time.monotonic() - self._express_ended < EXPRESS_LINGER_S
             )
+            if first:
+                sharing = first.pop() or sharing
             self._set_threads(lanes.shared_threads if sharing else lanes.threads)
 
         return between_layers
