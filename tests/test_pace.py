@@ -118,3 +118,13 @@ def test_a_seed_of_timed_passes_gives_an_estimate_before_any_pass_runs() -> None
     assert pace.predict(1, 1000) is None  # too few passes to trust
     pace.seed((b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in [(16, 512), (2, 1024)] * 2)
     assert pace.predict(1, 1000) == pytest.approx(0.01 + 1000 * 2e-3, rel=1e-4)
+
+
+def test_a_fit_without_a_fixed_cost_falls_back_to_the_prior() -> None:
+    pace = PassPace(prior_tokens=32.0)
+    for tokens in [16, 64, 256, 1024, 32, 512, 128, 8]:
+        pace.observe(tokens, 0.0002 * tokens - 0.001 if tokens > 8 else 0.0006)
+    line = pace.line()
+    assert line is not None
+    assert line[0] == 0.0  # clamped: the passes show no fixed part
+    assert pace.overhead_tokens == 32.0

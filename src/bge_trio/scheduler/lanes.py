@@ -9,11 +9,11 @@ are small, so they run beside a long one instead of after it.
 Cores are split by the moment: a regular pass uses ``threads`` while the express lane
 is idle, and drops to ``shared_threads`` at its next encoder layer while an express
 pass runs (and for ``EXPRESS_LINGER_S`` after the last one), so the two never ask
-for more threads than there are cores for longer than one layer; a long pass starts
-shared (``LONG_PASS_S``). Measured on the
-full-size BGE-M3 stand-in on 2 cores (docs/performance.md): short queries beside
-8,000-token documents are answered in seconds instead of waiting minutes behind them;
-the documents take 1.3-1.8x their time alone meanwhile.
+for more threads than there are cores for longer than one layer; a pass predicted to
+be long starts shared (``LONG_PASS_S``). Measured on the full-size BGE-M3 stand-in on
+2 cores (docs/performance.md): short queries beside 8,000-token documents are answered
+in seconds instead of waiting minutes behind them; the documents take up to 1.8x
+their time alone meanwhile.
 
 The express lane's passes are capped at ``express_tokens`` padded tokens, so their
 worst-case memory is small and known: it is set aside from the regular workspace

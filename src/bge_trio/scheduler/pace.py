@@ -110,7 +110,9 @@ class PassPace:
     def overhead_tokens(self) -> float:
         """The fixed cost of one pass, in padded tokens' worth of work."""
         fitted = self.line()
-        if fitted is None:
+        if fitted is None or fitted[0] <= 0:
+            # No fixed cost to see (long passes dominate the fit): every pass has one, so
+            # an answer of zero would stop short texts riding along with the least padding.
             return self.prior_tokens
         t0, t1 = fitted
         return min(self.max_tokens, t0 / t1)
