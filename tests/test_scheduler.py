@@ -174,8 +174,12 @@ def test_plan_includes_the_oldest_and_fits(
     assert 0 in chosen
     assert len(set(chosen)) == len(chosen)
     assert all(0 <= i < len(lengths) for i in chosen)
+    width = max(lengths[i] for i in chosen)
     if len(chosen) > 1:
-        assert policy.fits(len(chosen), max(lengths[i] for i in chosen))
+        assert policy.fits(len(chosen), width)
+    # maximal: with passes this expensive, no text left out would still have fitted
+    for j in set(range(len(lengths))) - set(chosen):
+        assert not policy.fits(len(chosen) + 1, max(width, lengths[j]))
 
 
 async def test_a_batch_does_not_wait_when_nobody_is_coming(tiny_encoder: Encoder) -> None:

@@ -156,9 +156,16 @@ class Encoder:
             torch.set_num_threads(threads)
         path = source.path
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # the load report below says what matters
             warnings.simplefilter("ignore")
-            model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+            # mismatched shapes are reported (and refused) by check_weights, by name
+            model, loading = AutoModel.from_pretrained(
+                str(path),
+                dtype=torch.float32,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
+        check_weights(loading, path)
         model.eval()
         config = model.config
         hidden = int(config.hidden_size)
@@ -420,6 +427,41 @@ def _key_padding_mask(
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         return mask[:, None, None, :].bool()
     return mask
+
+
+# Weights the server never uses: a checkpoint may leave them out (BGE-M3 and sentence
+# embedding models are served from the hidden states; the pooler head is unused).
+UNUSED_WEIGHTS = ("pooler.",)
+
+
+def check_weights(loading: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint that lacks weights the model needs; name what is ignored.
+
+    transformers fills a missing weight with random values and carries on, so a wrong
+    or truncated checkpoint would serve meaningless vectors without a word.
+    """
+    missing = sorted(loading.get("missing_keys") or [])
+    mismatched = sorted(
+        str(key[0] if isinstance(key, tuple) else key)
+        for key in loading.get("mismatched_keys") or []
+    )
+    unused = [key for key in missing if key.startswith(UNUSED_WEIGHTS)]
+    needed = [key for key in missing if not key.startswith(UNUSED_WEIGHTS)] + mismatched
+    if needed:
+        shown = ", ".join(needed[:5]) + (f" and {len(needed) - 5} more" if len(needed) > 5 else "")
+        raise ModelConfigError(
+            f"{path}: the checkpoint lacks {len(needed)} weight(s) the model needs or has them "
+            f"in the wrong shape ({shown}); it would serve meaningless vectors"
+        )
+    if unused:
+        log.info("not in the checkpoint and not used by this server: %s", ", ".join(unused))
+    unexpected = sorted(loading.get("unexpected_keys") or [])
+    if unexpected:
+        log.warning(
+            "the checkpoint has %d weight(s) this model does not use, ignored: %s",
+            len(unexpected),
+            ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""),
+        )
 
 
 def choose_dtype(asked: str, native_bf16: bool) -> tuple[str, str]:

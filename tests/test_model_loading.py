@@ -1,0 +1,71 @@
+"""A checkpoint that lacks weights the model needs is refused, not served with random ones."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bge_trio.model.encoder import Encoder, ModelConfigError
+from bge_trio.model.source import resolve_model
+from tests.conftest import running_server
+
+
+def _copy_with(src: Path, dst: Path, edit: Any) -> Path:
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    edit(weights)
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_a_missing_layer_weight_is_a_startup_error_naming_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    key = "encoder.layer.1.attention.self.query.weight"
+    broken = _copy_with(tiny_model_dir, tmp_path / "broken", lambda w: w.pop(key))
+    with pytest.raises(ModelConfigError, match="lacks 1 weight") as error:
+        Encoder.load(resolve_model(str(broken)), dtype="fp32")
+    assert key in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_weight_of_the_wrong_shape_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    key = "encoder.layer.0.output.dense.bias"
+    broken = _copy_with(
+        tiny_model_dir, tmp_path / "shape", lambda w: w.__setitem__(key, torch.zeros(3))
+    )
+    with pytest.raises(ModelConfigError, match=key.replace(".", r"\.")):
+        Encoder.load(resolve_model(str(broken)), dtype="fp32")
+
+
+def test_the_unused_pooler_may_be_absent_and_extra_weights_are_named(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    extra = _copy_with(
+        tiny_model_dir, tmp_path / "extra", lambda w: w.__setitem__("lm_head.bias", torch.ones(4))
+    )
+    with caplog.at_level(logging.INFO, logger="bge_trio.model.encoder"):
+        encoder = Encoder.load(resolve_model(str(extra)), dtype="fp32")
+    assert encoder.forward(encoder.tokenize(["still fine"]))[0].dense is not None
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("not used by this server: pooler.dense.bias" in m for m in messages)
+    assert any("ignored: lm_head.bias" in m for m in messages)
+
+
+async def test_the_server_reports_the_broken_checkpoint_on_health(
+    tiny_model_dir: Path, tmp_path: Path, settings_for: Any
+) -> None:
+    key = "embeddings.word_embeddings.weight"
+    broken = _copy_with(tiny_model_dir, tmp_path / "no-embeddings", lambda w: w.pop(key))
+    async with running_server(settings_for(broken), ready=False) as server:
+        await server.service.failed.wait()
+        health = await server.client.get("/health")
+    assert health.status_code == 503
+    assert health.json()["status"] == "error"
+    assert key in health.json()["error"]
