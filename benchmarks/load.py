@@ -345,7 +345,7 @@ def compare_workers(model: str, texts: list[str], seconds: float) -> list[dict[s
     cores = cpu_count()
     for workers in sorted({1, cores}):
         threads = max(1, cores // workers)
-        encoder = Encoder.load(resolve_model(model), threads=threads)
+        encoder = Encoder.load(resolve_model(model), dtype="fp32", threads=threads)
         before = ideal(encoder, texts, workers=workers)
         row: dict[str, Any] = {"workers": workers, "threads": threads}
         with tempfile.TemporaryDirectory() as cache:
@@ -376,7 +376,7 @@ def m3_heads_quality(dtypes: list[str]) -> dict[str, Any]:
     texts = [row["text"] for row in load_corpus()][:64]
     with tempfile.TemporaryDirectory() as directory:
         source = resolve_model(str(build_tiny_m3(Path(directory))))
-        reference = Encoder.load(source, threads=cpu_count())
+        reference = Encoder.load(source, dtype="fp32", threads=cpu_count())
         return {
             d: quality(reference, Encoder.load(source, dtype=d, threads=cpu_count()), texts)
             for d in dtypes

@@ -64,7 +64,7 @@ def main() -> None:
     source = resolve_model(args.model)
     threads = cpu_count()
     started = time.perf_counter()
-    encoder = Encoder.load(source, max_seq_length=args.max_seq, threads=threads)
+    encoder = Encoder.load(source, max_seq_length=args.max_seq, dtype="fp32", threads=threads)
     load_s = time.perf_counter() - started
     budget = measure_budget(encoder, Settings(model=args.model, max_seq_length=args.max_seq))
 
@@ -83,7 +83,7 @@ def main() -> None:
         # cache-hit start: a fresh service start (model load + cache hit + readiness)
         hit_settings = attrs.evolve(settings, probe="auto")
         load_again = time.perf_counter()
-        Encoder.load(source, max_seq_length=args.max_seq, threads=threads)
+        Encoder.load(source, max_seq_length=args.max_seq, dtype="fp32", threads=threads)
         load_warm_s = time.perf_counter() - load_again
         service = EmbeddingService(hit_settings, source)
         start = time.perf_counter()

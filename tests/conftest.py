@@ -44,7 +44,7 @@ def reference(tiny_model_dir: Path) -> ReferenceM3:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir: Path) -> Encoder:
-    return Encoder.load(resolve_model(str(tiny_model_dir)), threads=1)
+    return Encoder.load(resolve_model(str(tiny_model_dir)), dtype="fp32", threads=1)
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_real_probe_on_the_tiny_model(tiny_encoder: Encoder) -> None:
 
 
 def test_real_probe_on_minilm(bundled_source: ModelSource) -> None:
-    encoder = Encoder.load(bundled_source, max_seq_length=128, threads=2)
+    encoder = Encoder.load(bundled_source, max_seq_length=128, dtype="fp32", threads=2)
     _probe(encoder)
 
 
@@ -85,7 +85,7 @@ def _layers(encoder: Encoder) -> torch.nn.ModuleList:
 
 def test_a_two_layer_pass_peaks_where_the_full_depth_does(bundled_source: ModelSource) -> None:
     configure_allocator("predictable")  # as the server runs: peaks that repeat
-    encoder = Encoder.load(bundled_source, threads=2)
+    encoder = Encoder.load(bundled_source, dtype="fp32", threads=2)
     layers = _layers(encoder)
     forward = synthetic_forward(encoder)
     meter = PeakMeter()

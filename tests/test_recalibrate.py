@@ -76,6 +76,7 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
     env = _env(
         tmp_path,
         BGE_TRIO_PROBE="auto",
+        BGE_TRIO_DTYPE="fp32",  # sizes below are fp32's
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
         BGE_TRIO_MAX_BATCH_TOKENS=str(1 << 20),
         BGE_TRIO_MAX_QUEUE_ITEMS="4096",
