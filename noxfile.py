@@ -69,9 +69,11 @@ def bench(session: nox.Session) -> None:
     ``nox -s bench -- memory``, ``-- load``, ``-- m3`` or ``-- fairness`` runs one of them;
     ``m3`` (BGE-M3 at full size: probe time, held-out accuracy, resident accounting) takes
     about ten minutes on two cores and builds a 2.27 GB stand-in model once; ``fairness``
-    (short queries beside 8,000-token documents on that model) about fifteen.
+    (short queries beside 8,000-token documents on that model) about fifteen. Options after
+    the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """
     _install(session, "test,bench")
-    which = session.posargs or ["memory", "load"]
-    for name in which:
-        session.run("python", "-m", f"benchmarks.{name}")
+    args = list(session.posargs)
+    split = next((i for i, arg in enumerate(args) if arg.startswith("-")), len(args))
+    for name in args[:split] or ["memory", "load"]:
+        session.run("python", "-m", f"benchmarks.{name}", *args[split:])
