@@ -56,11 +56,11 @@ def test_bf16_runs_bf16_weights_and_answers_in_float32(tiny_model_dir: Path) -> 
 
 
 def test_dtype_is_part_of_the_cache_key(tiny_encoder: Encoder, tiny_model_dir: Path) -> None:
+    int8 = Encoder.load(resolve_model(str(tiny_model_dir)), dtype="int8", threads=1)
     settings = Settings(model="tiny")
-    key = cache_key_for(tiny_encoder, settings)
+    key = cache_key_for(tiny_encoder, settings)  # (threads are read now: the same for both)
     assert key["dtype"] == "fp32"
     assert key["allocator"] == "predictable"
-    int8 = Encoder.load(resolve_model(str(tiny_model_dir)), dtype="int8", threads=1)
     other = cache_key_for(int8, settings)
     assert other["dtype"] == "int8"
     assert {k: v for k, v in other.items() if k != "dtype"} == {
