@@ -594,8 +594,8 @@ def _too_slow(exc: TooSlowError) -> ApiError:
         413,
         f"input[{exc.index}] has {exc.tokens} tokens; at this server's measured pace it would "
         f"take about {exc.estimate_s:.0f} s, more than the request deadline of "
-        f"{exc.deadline_s:g} s. Send a shorter text, or 'long_input': 'chunk' (windows run as "
-        "separate passes), or raise BGE_TRIO_REQUEST_TIMEOUT_S",
+        f"{exc.deadline_s:g} s. Send a shorter text (or its parts in separate requests), or "
+        "raise BGE_TRIO_REQUEST_TIMEOUT_S",
         param="input",
         code="input_too_slow_for_deadline",
     )

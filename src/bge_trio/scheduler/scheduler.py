@@ -138,7 +138,6 @@ class Scheduler:
         self._observer: Observer = observer or _Unobserved()
         self.queued_items = 0  # admitted texts not yet in a forward pass (or dropped)
         self.queued_tokens = 0
-        self._queued_work = 0  # sum of S² over queued texts: their attention
         self.forwarded_items = 0  # texts that reached the model, for observability
         self.abandoned_passes = 0  # stopped between layers: nobody waited any more
         self.express_passes = 0
@@ -264,7 +263,6 @@ class Scheduler:
                 )
         self.queued_items += items
         self.queued_tokens += tokens
-        self._queued_work += sum(length * length for length in lengths)
         self._observer.queue_changed(self.queued_items, self.queued_tokens)
 
     def expected_wait_s(self, lengths: Sequence[int] = ()) -> float:
@@ -298,7 +296,6 @@ class Scheduler:
     def _dequeue(self, items: Sequence[WorkItem]) -> None:
         self.queued_items -= len(items)
         self.queued_tokens -= sum(item.length for item in items)
-        self._queued_work -= sum(item.length * item.length for item in items)
         self._observer.queue_changed(self.queued_items, self.queued_tokens)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
