@@ -2,107 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import attrs
 import httpx
 import pytest
 
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BGE_TRIO_")}
-    env.update({"BGE_TRIO_CACHE_DIR": str(tmp_path / "cache"), "BGE_TRIO_PROBE": "off"})
-    env.update(extra)
-    return env
-
-
-HYPERCORN = [
-    sys.executable,
-    "-m",
-    "hypercorn",
-    "--worker-class",
-    "trio",
-    "--bind",
-    "127.0.0.1:0",
-    "bge_trio.asgi:app",
-]
-
-
-def _bge_trio() -> list[str]:
-    return [sys.executable, "-m", "bge_trio.cli"]
-
-
-def _wait_for_url(process: subprocess.Popen[str], lines: list[str]) -> str:
-    """The server's URL from its startup log; every stderr line is kept in ``lines``."""
-    assert process.stderr is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            raise AssertionError("server exited early:\n" + "".join(lines))
-        lines.append(line)
-        match = re.search(r"Running on (http://\S+)", line)
-        if match:
-            # keep draining stderr so the server never blocks on a full pipe
-            threading.Thread(target=lambda: lines.extend(process.stderr or []), daemon=True).start()
-            return match.group(1)
-    raise AssertionError("no 'Running on' line")
-
-
-def _wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server never became healthy")
-
-
-@attrs.frozen
-class Served:
-    process: subprocess.Popen[str]
-    url: str
-    stderr: list[str]  # the server's log so far (it keeps growing)
-
-
-@contextlib.contextmanager
-def _serving(command: list[str], env: dict[str, str]) -> Iterator[Served]:
-    """Start a server process and wait until it is healthy; stop it if the test leaves it up.
-
-    SIGTERM first: hypercorn's parent process passes it to its worker processes, which a
-    kill would leave behind.
-    """
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    try:
-        url = _wait_for_url(process, lines)
-        _wait_healthy(url)
-        yield Served(process, url, lines)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+from tests.processes import HYPERCORN, bge_trio, env_for, serving
 
 
 def test_serve_answers_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
-    command = [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
-    with _serving(command, _env(tmp_path)) as server:
+    command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
+    with serving(command, env_for(tmp_path)) as server:
         r = httpx.post(server.url + "/v1/embeddings", json={"input": ["hello", "world"]})
         assert r.status_code == 200
         assert len(r.json()["data"]) == 2
@@ -117,8 +32,8 @@ def test_console_script_is_installed() -> None:
 
 def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
     out = subprocess.run(
-        [*_bge_trio(), "serve", "--port", "0"],
-        env=_env(tmp_path, BGE_TRIO_MODEL=str(tmp_path / "no-such-model")),
+        [*bge_trio(), "serve", "--port", "0"],
+        env=env_for(tmp_path, BGE_TRIO_MODEL=str(tmp_path / "no-such-model")),
         capture_output=True,
         text=True,
         timeout=60,
@@ -133,8 +48,8 @@ def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
 
 def test_uncached_hub_id_explains_what_to_do(tmp_path: Path) -> None:
     out = subprocess.run(
-        [*_bge_trio(), "serve", "--port", "0"],
-        env=_env(tmp_path, BGE_TRIO_MODEL="BAAI/bge-m3", HF_HOME=str(tmp_path / "hf")),
+        [*bge_trio(), "serve", "--port", "0"],
+        env=env_for(tmp_path, BGE_TRIO_MODEL="BAAI/bge-m3", HF_HOME=str(tmp_path / "hf")),
         capture_output=True,
         text=True,
         timeout=60,
@@ -158,8 +73,8 @@ def test_bad_setting_names_variable_and_range(
     tmp_path: Path, name: str, value: str, expected: str
 ) -> None:
     out = subprocess.run(
-        [*_bge_trio(), "serve", "--port", "0"],
-        env=_env(tmp_path, **{name: value}),
+        [*bge_trio(), "serve", "--port", "0"],
+        env=env_for(tmp_path, **{name: value}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -171,7 +86,7 @@ def test_bad_setting_names_variable_and_range(
 def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> None:
     out = subprocess.run(
         HYPERCORN,
-        env=_env(tmp_path, BGE_TRIO_WORKERS="lots"),
+        env=env_for(tmp_path, BGE_TRIO_WORKERS="lots"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -183,15 +98,15 @@ def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> Non
 
 
 def test_plain_hypercorn_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with _serving(HYPERCORN, _env(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir))) as server:
+    with serving(HYPERCORN, env_for(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir))) as server:
         r = httpx.post(server.url + "/v1/sparse-embeddings", json={"input": "hello"})
         assert r.status_code == 200
 
 
 def test_memory_too_small_exits_3_with_the_numbers(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = subprocess.run(
-        [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"],
-        env=_env(
+        [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"],
+        env=env_for(
             tmp_path, BGE_TRIO_MEMORY_LIMIT_BYTES=str(1 << 20), BGE_TRIO_MEMORY_HEADROOM_BYTES="0"
         ),
         capture_output=True,
@@ -207,8 +122,8 @@ def test_probe_command_prints_the_fit_and_writes_the_cache(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = subprocess.run(
-        [*_bge_trio(), "probe", "--model", str(tiny_model_dir), "--max-seq-length", "128"],
-        env=_env(tmp_path),
+        [*bge_trio(), "probe", "--model", str(tiny_model_dir), "--max-seq-length", "128"],
+        env=env_for(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
@@ -221,10 +136,10 @@ def test_probe_command_prints_the_fit_and_writes_the_cache(
 
 
 def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
-    command = [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
+    command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
     results: list[tuple[int, float]] = []
     text = "the quick brown fox jumps over the lazy dog " * 50
-    with _serving(command, _env(tmp_path, BGE_TRIO_BATCH_WAIT_MS="0")) as server:
+    with serving(command, env_for(tmp_path, BGE_TRIO_BATCH_WAIT_MS="0")) as server:
 
         def client() -> None:
             body = {"input": [text] * 48}
@@ -247,11 +162,11 @@ def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Pat
 def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    command = [*_bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
+    command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
     (tmp_path / "prom").mkdir()
-    env = _env(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    env = env_for(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
     with (
-        _serving([*command, "--processes", "2"], env) as server,
+        serving([*command, "--processes", "2"], env) as server,
         httpx.Client(base_url=server.url) as client,
     ):
         for _ in range(2):

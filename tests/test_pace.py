@@ -120,6 +120,20 @@ def test_a_seed_of_timed_passes_gives_an_estimate_before_any_pass_runs() -> None
     assert pace.predict(1, 1000) == pytest.approx(0.01 + 1000 * 2e-3, rel=1e-4)
 
 
+def test_a_seed_of_three_shapes_is_enough_to_fit() -> None:
+    """The probe's few timed passes (four shapes for a small model) give a curve at once."""
+
+    def timed(shapes: list[tuple[int, int]]) -> list[tuple[int, int, float]]:
+        return [(b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in shapes]
+
+    two = PassPace()
+    two.seed(timed([(2, 256), (64, 64)]))
+    assert two.curve() is None  # two shapes cannot separate three terms
+    three = PassPace()
+    three.seed(timed([(2, 256), (64, 64), (256, 16)]))
+    assert three.predict(1, 1000) == pytest.approx(0.01 + 1000 * 2e-3, rel=1e-4)
+
+
 def test_a_fit_without_a_fixed_cost_falls_back_to_the_prior() -> None:
     pace = PassPace(prior_tokens=32.0)
     for tokens in [16, 64, 256, 1024, 32, 512, 128, 8]:

@@ -5,6 +5,10 @@ returns at once, so hypercorn's 60 s lifespan startup limit never races the mode
 load and the memory probe; ``/health`` says when the server is ready. If startup
 fails for good (no usable model, a memory limit too small for one text), the
 process logs why and exits with status 3 so the orchestrator can act on it.
+
+Given the ``host`` that runs it (see :mod:`bge_trio.hosting`), the app also
+handles the signal to stop: the service drains, and every accepted request has
+its answer before hypercorn closes the connections.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from quart_trio import QuartTrio
 from bge_trio import logs
 from bge_trio.api import errors, hooks, routes
 from bge_trio.config import Settings
+from bge_trio.hosting import Host, watch_for_shutdown
 from bge_trio.memory.plan import Planner, plan_memory
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource, resolve_model
@@ -39,6 +44,7 @@ def create_app(
     exit_on_failure: bool = True,
     planner: Planner = plan_memory,
     load_encoder: Callable[..., Encoder] = Encoder.load,
+    host: Host | None = None,
 ) -> QuartTrio:
     """Build the app; raises ConfigError / ModelNotFoundError for a bad configuration."""
     settings = settings or Settings.from_env()
@@ -61,6 +67,8 @@ def create_app(
         await app.nursery.start(service.run)
         if exit_on_failure:
             app.nursery.start_soon(_exit_when_failed, service)
+        if host is not None:
+            app.nursery.start_soon(watch_for_shutdown, host, service.begin_shutdown)
 
     return app
 

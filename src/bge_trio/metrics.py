@@ -35,6 +35,11 @@ INFERENCE_SECONDS = Histogram("bge_trio_inference_seconds", "forward pass time",
 BATCH_SIZE = Histogram("bge_trio_batch_size", "texts per forward pass", buckets=_SIZES)
 BATCH_TOKENS = Histogram("bge_trio_batch_tokens", "padded tokens per forward pass", buckets=_TOKENS)
 BATCH_FAILURES = Counter("bge_trio_batch_failures_total", "forward passes that raised")
+REQUESTS_IN_FLIGHT = Gauge(
+    "bge_trio_requests_in_flight",
+    "embedding and score requests accepted and not yet answered",
+    multiprocess_mode="livesum",
+)
 QUEUED_ITEMS = Gauge("bge_trio_queued_items", "texts waiting", multiprocess_mode="livesum")
 QUEUED_TOKENS = Gauge("bge_trio_queued_tokens", "tokens waiting", multiprocess_mode="livesum")
 PROBE_STATUS = Gauge(

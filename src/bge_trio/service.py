@@ -11,13 +11,20 @@ returned (hypercorn gives startup 60 s; real BGE-M3 plus a probe can take longer
     loading -> probing -> ok          the gate opens
                        -> ok (probe "failed": conservative model; the gate opens)
             -> error                  the model or the memory limit makes serving impossible
+
+Shutdown (``begin_shutdown``, when the process is told to stop) drains: new work
+is refused with 503, accepted work that can finish within the window finishes,
+and the rest is answered 503 at once, so every request has its answer before the
+server closes its connections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +68,7 @@ from bge_trio.scheduler.scheduler import (
     BatchFailedError,
     QueueFullError,
     Scheduler,
+    ShuttingDownError,
     Timing,
     TooSlowError,
     unlimited_policy,
@@ -139,7 +147,10 @@ class EmbeddingService:
         self.error: str | None = None
         self.probe_progress: ProbeProgress | None = None
         self.failed = trio.Event()  # set when startup fails for good
-        self._loaded_or_failed = trio.Event()
+        self._loaded_or_failed = trio.Event()  # ... or shutdown began: stop waiting for it
+        self.draining = False
+        self._drain_deadline = math.inf
+        self.requests_in_flight = 0  # embedding and score requests not yet answered
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -320,6 +331,35 @@ class EmbeddingService:
         if result.dense is None or not result.dense.any():
             raise RuntimeError("readiness check produced an empty embedding")
 
+    # -- shutdown -----------------------------------------------------------------------
+
+    def begin_shutdown(self, window_s: float) -> None:
+        """Drain: refuse new work; keep what finishes within ``window_s``; answer the rest.
+
+        Requests whose texts, at the learnt pace, cannot finish in the window are answered
+        503 now (their clients retry elsewhere sooner); at the end of the window anything
+        still waiting is answered 503 too. Idempotent: a second signal changes nothing.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_deadline = trio.current_time() + window_s
+        self._loaded_or_failed.set()  # requests waiting for the model get their answer now
+        refused = self.scheduler.close(ShuttingDownError("shutting down"), self._drain_deadline)
+        log.warning(
+            "shutting down: new requests are refused; of %d in flight, %d could not finish "
+            "within %.1f s and were answered 503 now; the rest finish or are answered by then",
+            self.requests_in_flight,
+            refused,
+            window_s,
+        )
+        if self._nursery is not None:
+            self._nursery.start_soon(self._end_of_drain)
+
+    async def _end_of_drain(self) -> None:
+        await trio.sleep_until(self._drain_deadline)
+        self.scheduler.fail_everything(ShuttingDownError("shutting down"))
+
     # -- serving ------------------------------------------------------------------------
 
     @property
@@ -352,6 +392,8 @@ class EmbeddingService:
             start = trio.current_time() if arrived is None else arrived
             with trio.move_on_at(start + self.settings.startup_wait_s):
                 await self._loaded_or_failed.wait()
+        if self.draining:
+            raise _shutting_down()
         if self.status == "error":
             raise _server_failed()
         if self.encoder is None:
@@ -385,11 +427,22 @@ class EmbeddingService:
             raise unavailable(f"the server is still {self.status}; retry shortly", retry_after_s=5)
         return results
 
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        self.requests_in_flight += 1
+        metrics.REQUESTS_IN_FLIGHT.inc()
+        try:
+            yield
+        finally:
+            self.requests_in_flight -= 1
+            metrics.REQUESTS_IN_FLIGHT.dec()
+
     @property
     def healthy(self) -> bool:
-        """Ready, and the last forward passes did not all fail."""
+        """Ready, not draining, and the last forward passes did not all fail."""
         return (
             self.status == "ok"
+            and not self.draining
             and self.scheduler.consecutive_failures < self.settings.failure_threshold
         )
 
@@ -408,6 +461,17 @@ class EmbeddingService:
         ``truncate`` it, refuse it (``error``), or ``chunk`` it into overlapping
         windows whose results are merged (see :mod:`bge_trio.model.windows`).
         """
+        with self._in_flight():
+            return await self._embed(texts, token_ids, outputs, long_input, arrived)
+
+    async def _embed(
+        self,
+        texts: Sequence[str] | None,
+        token_ids: Sequence[Sequence[int]] | None,
+        outputs: frozenset[Output],
+        long_input: LongInput | None,
+        arrived: float | None,
+    ) -> Embedded:
         arrived = trio.current_time() if arrived is None else arrived  # one startup wait
         encoder = await self.ready(arrived)
         missing = outputs - encoder.info.outputs
@@ -442,12 +506,20 @@ class EmbeddingService:
             ) from None
         except TooSlowError as exc:
             raise _too_slow(exc) from None
+        except ShuttingDownError:
+            raise _shutting_down() from None
         return _merged(ids, windows, results, timing)
 
     async def score(
         self, queries: Sequence[str], documents: Sequence[str], weights: Weights
     ) -> Scored:
         """Embed queries and documents together, then score every pair off the event loop."""
+        with self._in_flight():
+            return await self._score(queries, documents, weights)
+
+    async def _score(
+        self, queries: Sequence[str], documents: Sequence[str], weights: Weights
+    ) -> Scored:
         encoder = await self.ready()
         modes = [mode for mode in MODES if mode in encoder.info.outputs]
         if sum(weights.of(mode) for mode in modes) <= 0:
@@ -456,7 +528,7 @@ class EmbeddingService:
                 param="weights",
                 code="invalid_weights",
             )
-        embedded = await self.embed([*queries, *documents], None, frozenset(modes))
+        embedded = await self._embed([*queries, *documents], None, frozenset(modes), None, None)
         q, d = embedded.embeddings[: len(queries)], embedded.embeddings[len(queries) :]
 
         def compute() -> dict[str, npt.NDArray[np.float32]]:
@@ -547,11 +619,14 @@ class EmbeddingService:
         status: str = self.status
         if status == "ok" and not self.healthy:
             status = "unhealthy"
+        if self.draining:
+            status = "draining"
         body: dict[str, object] = {"status": status}
         if self.status == "ok":
             body["consecutive_failures"] = self.scheduler.consecutive_failures
             body["queued_items"] = self.scheduler.queued_items
             body["queued_tokens"] = self.scheduler.queued_tokens
+            body["requests_in_flight"] = self.requests_in_flight
         if self.status == "probing" and self.probe_progress is not None:
             step = self.probe_progress
             body["probe_progress"] = {
@@ -581,6 +656,17 @@ def _server_failed() -> ApiError:
         "the server has failed and is shutting down; see its log",
         type="server_error",
         code="server_failed",
+    )
+
+
+def _shutting_down() -> ApiError:
+    """The process is stopping: another replica (or this one, restarted) will answer."""
+    return ApiError(
+        503,
+        "the server is shutting down; retry the request (another replica will answer it)",
+        type="service_unavailable",
+        code="shutting_down",
+        headers={"Retry-After": "1"},
     )
 
 

@@ -57,9 +57,17 @@ class PassPace:
         self.passes += 1
 
     def seed(self, passes: Iterable[tuple[int, int, float]]) -> None:
-        """Start from (batch, seq, seconds) passes timed elsewhere, e.g. by the probe."""
+        """Start from (batch, seq, seconds) passes timed elsewhere, e.g. by the probe.
+
+        The probe spreads its shapes on purpose, so three different shapes are enough
+        to fit: the curve is known before the first request (served passes refine it).
+        """
+        shapes = set()
         for batch, seq, seconds in passes:
             self.observe(batch * seq, seconds, seq=seq)
+            shapes.add((batch, seq))
+        if len(shapes) >= 3:
+            self.passes = max(self.passes, self.min_passes)
 
     def curve(self) -> tuple[float, float, float] | None:
         """(t0 s, t1 s per padded token, t2 s per padded token per token of length)."""

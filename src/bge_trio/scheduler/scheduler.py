@@ -92,6 +92,10 @@ class QueueFullError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDownError(RuntimeError):
+    """The process is stopping: the request was refused, or cannot finish in time (a 503)."""
+
+
 class TooSlowError(RuntimeError):
     """One text of the request alone would run past the deadline (a 413 for the client)."""
 
@@ -152,6 +156,8 @@ class Scheduler:
         self._on_peak = on_peak
         self._in_flight = 0
         self._passes_started = 0
+        self._running: dict[int, _Running] = {}  # passes in flight, by id of their batch
+        self._closed: ShuttingDownError | None = None  # set once the process is stopping
 
     def set_policy(self, policy: BatchPolicy) -> None:
         """The limits of regular passes, and of express passes beside them.
@@ -212,8 +218,11 @@ class Scheduler:
 
         If the caller is cancelled, the request's texts that have not started yet are
         dropped, and a pass whose texts are all dropped stops at its next layer. A
-        failed forward pass raises BatchFailedError.
+        failed forward pass raises BatchFailedError; a request refused because the
+        process is stopping raises ShuttingDownError.
         """
+        if self._closed is not None:
+            raise ShuttingDownError(*self._closed.args)
         self._admit(token_lists)
         ticket = Ticket(outputs, len(token_lists))
         now = trio.current_time()
@@ -229,6 +238,8 @@ class Scheduler:
             ticket.cancelled = True
             self._wake.set()
             raise
+        if isinstance(ticket.error, ShuttingDownError):
+            raise ShuttingDownError(*ticket.error.args)
         if ticket.error is not None:
             raise BatchFailedError("forward pass failed") from ticket.error
         if timing is not None:
@@ -378,6 +389,61 @@ class Scheduler:
         self._dequeue(self._pending)
         self._pending = []
 
+    def close(self, error: ShuttingDownError, deadline: float) -> int:
+        """Refuse new work from now on, and every request that cannot finish by ``deadline``.
+
+        Returns how many requests were refused now. A request is kept only if its texts'
+        passes, queued in order on the regular workers at the learnt pace, end before the
+        deadline; before the pace is known (startup) nothing queued can be promised.
+        A pass whose requests are all refused stops at its next layer.
+        """
+        self._closed = error
+        finishes = self._predicted_finishes()
+        doomed = {
+            id(ticket): ticket
+            for ticket, finish in finishes
+            if not ticket.finished and finish > deadline
+        }
+        for ticket in doomed.values():
+            ticket.fail(error)
+        self._wake.set()
+        return len(doomed)
+
+    def fail_everything(self, error: BaseException) -> None:
+        """Answer every request still waiting, queued or in a pass, with ``error``."""
+        for running in self._running.values():
+            for item in running.batch:
+                item.ticket.fail(error)
+        self.fail_all(error)
+        self._wake.set()
+
+    def _predicted_finishes(self) -> list[tuple[Ticket, float]]:
+        """When each waiting text's pass should end, oldest first.
+
+        Texts waiting at the closed gate (startup) have no end in sight (inf). Where
+        the pace is not yet known, a pass is assumed to end now: kept, and answered
+        at the drain's deadline if it has not finished by then.
+        """
+        now = trio.current_time()
+        if not self._gate.is_open:
+            return [(item.ticket, math.inf) for item in self._pending]
+        finishes: list[tuple[Ticket, float]] = []
+        free = [now] * self._gate.workers  # when each regular worker is next free
+        for running in self._running.values():
+            end = now if running.predicted is None else running.started + running.predicted
+            if not running.on_express:
+                free[free.index(min(free))] = max(end, now)
+            finishes.extend((item.ticket, end) for item in running.batch)
+        curve = self.pace.curve() or (0.0, 0.0, 0.0)
+        t0, t1, t2 = curve
+        cap = self.policy.max_batch_tokens or math.inf
+        for item in self._pending:
+            lane = free.index(min(free))
+            free[lane] += t0 * min(1.0, item.length / cap) + t1 * item.length
+            free[lane] += t2 * item.length * item.length
+            finishes.append((item.ticket, free[lane]))
+        return finishes
+
     async def _gather_company(self) -> None:
         """While requests are on their way, let them join, up to ``batch_wait_s``
         after the oldest text queued."""
@@ -421,6 +487,8 @@ class Scheduler:
         started = trio.current_time()
         width = max(item.length for item in batch)
         padded = len(batch) * width
+        predicted = self.pace.predict(len(batch), width)
+        self._running[id(batch)] = _Running(batch, started, predicted, on_express)
         try:
             outputs: frozenset[Output] = frozenset().union(*(i.ticket.outputs for i in batch))
             self.forwarded_items += len(batch)
@@ -460,6 +528,7 @@ class Scheduler:
             for item, result in zip(batch, results, strict=True):
                 item.ticket.deliver(item.index, result)
         finally:
+            del self._running[id(batch)]
             idle.append(thread)
             self._release(on_express, borrower)
 
@@ -518,6 +587,14 @@ class Scheduler:
         if generation == self._passes_started:  # no other pass started meanwhile
             self._on_peak(len(batch), max(item.length for item in batch), peak)
         return results
+
+
+@attrs.frozen(eq=False)
+class _Running:
+    batch: list[WorkItem]
+    started: float
+    predicted: float | None  # seconds, at the learnt pace
+    on_express: bool
 
 
 def unlimited_policy() -> BatchPolicy:
