@@ -381,3 +381,52 @@ async def test_all_torch_work_runs_on_the_forward_thread(
     assert info["speed"]["passes_observed"] >= 1
     assert len(threads) >= 3  # load, probe passes, readiness check, the request
     assert set(threads) == {"bge-trio-forward-0"}
+
+
+async def test_a_connection_survives_a_request_refused_before_its_body_was_read(
+    tiny_server: Server,
+) -> None:
+    """A body nobody read (no route, wrong method, a GET with a body): the connection is
+    closed rather than left to hang, so every next request on the same client is answered."""
+    client = tiny_server.client
+    body = {"input": "x" * 2000}
+    unread = [("PUT", "/v1/embeddings"), ("POST", "/v1/nowhere"), ("GET", "/health")]
+    for _ in range(20):
+        with trio.fail_after(10):
+            for method, path in unread:
+                answered = await client.request(method, path, json=body)
+                assert answered.status_code in (200, 404, 405)
+                assert answered.headers["Connection"] == "close"
+                ok = await client.post("/v1/embeddings", json={"input": "after"})
+                assert ok.status_code == 200
+
+
+async def test_openapi_document_states_this_servers_limits_and_the_server_keeps_them(
+    tiny_server: Server,
+) -> None:
+    doc = (await tiny_server.client.get("/openapi.json")).json()
+    info = tiny_server.service.info
+    settings = tiny_server.service.settings
+    embeddings = doc["paths"]["/v1/embeddings"]["post"]
+    fields = embeddings["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    dims = fields["dimensions"]["anyOf"][0]
+    assert dims["maximum"] == info.dimension
+    text, texts, ids, id_lists = fields["input"]["anyOf"]
+    assert text["maxLength"] == settings.max_input_chars
+    assert texts["maxItems"] == ids["maxItems"] == id_lists["maxItems"] == settings.max_batch
+    assert ids["items"]["maximum"] == id_lists["items"]["items"]["maximum"] == info.vocab_size - 1
+    for status in ("429", "503"):
+        assert "Retry-After" in embeddings["responses"][status]["headers"]
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+    async def status(body: dict[str, Any]) -> int:
+        return (await tiny_server.client.post("/v1/embeddings", json=body)).status_code
+
+    # the boundaries the document states are the ones the server enforces
+    assert await status({"input": "x", "dimensions": info.dimension}) == 200
+    assert await status({"input": "x", "dimensions": info.dimension + 1}) == 400
+    assert await status({"input": "x", "dimensions": None, "model": None}) == 200
+    assert await status({"input": [0, info.vocab_size - 1]}) == 200
+    assert await status({"input": [0, info.vocab_size]}) == 400
+    assert await status({"input": [5.0, 6.0]}) == 200  # JSON Schema's integers include 5.0
+    assert await status({"input": [5.5]}) == 400

@@ -47,6 +47,11 @@ def install(app: Quart, api_key: str | None) -> None:
     async def finish(response: Response) -> Response:
         request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
         response.headers["x-request-id"] = request_id
+        if _has_body() and not getattr(g, "body_read", False):
+            # hypercorn cannot reuse a connection whose request body nobody read (refused
+            # before reading, or a body sent to a GET): the next request on it would wait
+            # forever. Close it; the client reconnects.
+            response.headers["Connection"] = "close"
         seconds = time.perf_counter() - getattr(g, "started", time.perf_counter())
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.REQUESTS.labels(rule, str(response.status_code)).inc()
@@ -69,3 +74,9 @@ def install(app: Quart, api_key: str | None) -> None:
                 },
             )
         return response
+
+
+def _has_body() -> bool:
+    length = request.headers.get("Content-Length", "0")
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return chunked or (length.isdigit() and int(length) > 0)

@@ -8,34 +8,74 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+
 from bge_trio import __version__
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_TEXTS: dict[str, Any] = {
-    "oneOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}, "minItems": 1},
-        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        {
-            "type": "array",
-            "minItems": 1,
-            "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        },
-    ]
+_NULL = {"type": "null"}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying (here, or on another replica)",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
 }
-_EMBED_FIELDS: dict[str, Any] = {
-    "input": _TEXTS,
-    "model": {"type": "string"},
-    "user": {"type": "string"},
-    "long_input": {
-        "type": "string",
-        "enum": ["truncate", "error", "chunk"],
-        "description": "what to do with an input longer than the server allows "
-        "(default: the server's BGE_TRIO_LONG_INPUT)",
-    },
-}
-_FORMAT = {"type": "string", "enum": ["float", "base64"], "default": "float"}
-_DIMENSIONS = {"type": "integer", "minimum": 1}
+
+
+@attrs.frozen
+class Limits:
+    """What this server accepts, so the document says exactly what it validates.
+
+    The model's numbers (vocabulary, dimension, outputs) are known once it is loaded;
+    before that the document leaves them open.
+    """
+
+    max_items: int
+    max_chars: int
+    max_pairs: int
+    vocab_size: int | None = None
+    dimension: int | None = None
+    outputs: frozenset[str] | None = None
+
+
+def _optional(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional field that may also be sent as null (the same as leaving it out)."""
+    return {"anyOf": [schema, _NULL]}
+
+
+def _inputs(limits: Limits) -> dict[str, Any]:
+    text = {"type": "string", "maxLength": limits.max_chars}
+    token: dict[str, Any] = {"type": "integer", "minimum": 0}
+    if limits.vocab_size is not None:
+        token["maximum"] = limits.vocab_size - 1
+    many = {"minItems": 1, "maxItems": limits.max_items}
+    return {
+        "anyOf": [
+            text,
+            {"type": "array", "items": text, **many},
+            {"type": "array", "items": token, **many},
+            {"type": "array", "items": {"type": "array", "items": token, "minItems": 1}, **many},
+        ]
+    }
+
+
+def _embed_fields(limits: Limits) -> dict[str, Any]:
+    return {
+        "input": _inputs(limits),
+        "model": _optional({"type": "string"}),
+        "user": _optional({"type": "string"}),
+        "long_input": _optional(
+            {
+                "type": "string",
+                "enum": ["truncate", "error", "chunk"],
+                "description": "what to do with an input longer than the server allows "
+                "(default: the server's BGE_TRIO_LONG_INPUT)",
+            }
+        ),
+    }
+
+
+_FORMAT = _optional({"type": "string", "enum": ["float", "base64"], "default": "float"})
 _SPARSE_VALUES = {
     "type": "object",
     "required": ["indices", "values"],
@@ -51,11 +91,41 @@ _USAGE = {
 }
 
 
+def _dimensions(limits: Limits) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer", "minimum": 1}
+    if limits.dimension is not None:
+        schema["maximum"] = limits.dimension
+    return _optional(schema)
+
+
+def _weights(limits: Limits) -> dict[str, Any]:
+    """Three non-negative weights; at least one output the model has must weigh > 0."""
+    schema: dict[str, Any] = {
+        "type": "array",
+        "items": {"type": "number", "minimum": 0},
+        "minItems": 3,
+        "maxItems": 3,
+        "description": "[dense, sparse, colbert]",
+    }
+    modes = ("dense", "sparse", "colbert")
+    outputs = limits.outputs or frozenset(modes)
+    if all(mode in outputs for mode in modes):
+        schema["not"] = {"items": {"const": 0}}  # not all zero
+    else:
+        schema["anyOf"] = [
+            {"prefixItems": [{} for _ in range(i)] + [{"exclusiveMinimum": 0}]}
+            for i, mode in enumerate(modes)
+            if mode in outputs
+        ]
+    return schema
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     return {
         str(code): {
             "description": "error",
             "content": {"application/json": {"schema": _ERROR}},
+            **({"headers": _RETRY_AFTER} if code in (429, 503) else {}),
         }
         for code in codes
     }
@@ -96,19 +166,42 @@ def _list_of(data_item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _get(summary: str, codes: tuple[int, ...] = ()) -> dict[str, Any]:
+def _get(
+    summary: str, codes: tuple[int, ...] = (), content_type: str = "application/json"
+) -> dict[str, Any]:
     return {
         "get": {
             "summary": summary,
             "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": {}}}},
+                "200": {"description": "OK", "content": {content_type: {"schema": {}}}},
                 **_errors(*codes),
             },
         }
     }
 
 
-def document() -> dict[str, Any]:
+def _health() -> dict[str, Any]:
+    status = {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}},
+    }
+    return {
+        "get": {
+            "summary": "Readiness: 200 when serving; 503 while loading, probing, draining, "
+            "or after a failure",
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": status}}},
+                "503": {
+                    "description": "not ready",
+                    "content": {"application/json": {"schema": status}},
+                },
+            },
+        }
+    }
+
+
+def document(limits: Limits) -> dict[str, Any]:
     dense_item: dict[str, Any] = {
         "type": "object",
         "properties": {
@@ -119,12 +212,14 @@ def document() -> dict[str, Any]:
             },
         },
     }
+    text = {"type": "string", "maxLength": limits.max_chars}
+    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": limits.max_items}
     both = _post(
         "Dense and sparse embeddings from one forward pass",
         {
-            **_EMBED_FIELDS,
+            **_embed_fields(limits),
             "encoding_format": _FORMAT,
-            "dimensions": _DIMENSIONS,
+            "dimensions": _dimensions(limits),
             "return_tokens": {"type": "boolean"},
         },
         ["input"],
@@ -145,13 +240,17 @@ def document() -> dict[str, Any]:
         "paths": {
             "/v1/embeddings": _post(
                 "OpenAI-compatible dense embeddings",
-                {**_EMBED_FIELDS, "encoding_format": _FORMAT, "dimensions": _DIMENSIONS},
+                {
+                    **_embed_fields(limits),
+                    "encoding_format": _FORMAT,
+                    "dimensions": _dimensions(limits),
+                },
                 ["input"],
                 _list_of(dense_item),
             ),
             "/v1/sparse-embeddings": _post(
                 "Sparse (lexical) weights",
-                {**_EMBED_FIELDS, "return_tokens": {"type": "boolean"}},
+                {**_embed_fields(limits), "return_tokens": {"type": "boolean"}},
                 ["input"],
                 _list_of(
                     {
@@ -167,7 +266,7 @@ def document() -> dict[str, Any]:
             "/v1/embeddings:both": both,
             "/v1/colbert-embeddings": _post(
                 "ColBERT multi-vector embeddings",
-                {**_EMBED_FIELDS, "encoding_format": _FORMAT},
+                {**_embed_fields(limits), "encoding_format": _FORMAT},
                 ["input"],
                 _list_of(
                     {
@@ -181,53 +280,40 @@ def document() -> dict[str, Any]:
                 ),
             ),
             "/v1/score": _post(
-                "Hybrid relevance scores of documents for queries",
+                "Hybrid relevance scores of documents for queries "
+                f"(queries x documents at most {limits.max_pairs} pairs)",
                 {
-                    "queries": {
-                        "oneOf": [
-                            {"type": "string"},
-                            {"type": "array", "items": {"type": "string"}},
-                        ]
-                    },
-                    "documents": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    "weights": {
-                        "type": "array",
-                        "items": {"type": "number", "minimum": 0},
-                        "minItems": 3,
-                        "maxItems": 3,
-                    },
-                    "top_n": {"type": "integer", "minimum": 1},
+                    "queries": {"anyOf": [text, texts]},
+                    "documents": texts,
+                    "weights": _weights(limits),
+                    "top_n": _optional({"type": "integer", "minimum": 1}),
                     "return_documents": {"type": "boolean"},
-                    "model": {"type": "string"},
+                    "model": _optional({"type": "string"}),
+                    "user": _optional({"type": "string"}),
                 },
                 ["queries", "documents"],
                 {"type": "object"},
             ),
             "/tokenize": _post(
                 "Token ids with their text pieces and offsets",
-                {
-                    "inputs": {
-                        "oneOf": [
-                            {"type": "string"},
-                            {"type": "array", "items": {"type": "string"}},
-                        ]
-                    },
-                    "add_special_tokens": {"type": "boolean"},
-                },
+                {"inputs": {"anyOf": [text, texts]}, "add_special_tokens": {"type": "boolean"}},
                 ["inputs"],
                 {"type": "array"},
             ),
             "/decode": _post(
                 "Token ids back to text",
-                {"ids": {"oneOf": _TEXTS["oneOf"][2:]}, "skip_special_tokens": {"type": "boolean"}},
+                {
+                    "ids": {"anyOf": _inputs(limits)["anyOf"][2:]},
+                    "skip_special_tokens": {"type": "boolean"},
+                },
                 ["ids"],
                 {"type": "array", "items": {"type": "string"}},
             ),
             "/v1/models": _get("The served model", (401, 503)),
-            "/health": _get("Readiness: 200 when serving, 503 otherwise", (503,)),
+            "/health": _health(),
             "/live": _get("Liveness"),
             "/info": _get("Server, model and memory-model details", (401,)),
-            "/metrics": _get("Prometheus metrics", (401,)),
+            "/metrics": _get("Prometheus metrics", (401,), content_type="text/plain"),
             "/openapi.json": _get("This document", (401,)),
         },
         "components": {

@@ -39,6 +39,7 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
 
     async def body() -> dict[str, Any]:
         raw = await request.get_data()
+        g.body_read = True  # the connection can serve the next request (see hooks)
         data = raw.encode() if isinstance(raw, str) else raw
         return schemas.parse_json_body(request.headers.get("Content-Type"), data)
 
@@ -238,7 +239,17 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
 
     @api.get("/openapi.json")
     async def openapi_document() -> Response:
-        return json_response(openapi.document())
+        settings = service.settings
+        info = service.info if service.encoder is not None else None
+        limits = openapi.Limits(
+            max_items=settings.max_batch,
+            max_chars=settings.max_input_chars,
+            max_pairs=settings.max_score_pairs,
+            vocab_size=None if info is None else info.vocab_size,
+            dimension=None if info is None else info.dimension,
+            outputs=None if info is None else frozenset(info.outputs),
+        )
+        return json_response(openapi.document(limits))
 
     @api.get("/live")
     async def live() -> Response:

@@ -49,6 +49,9 @@ def parse_json_body(content_type: str | None, data: bytes) -> dict[str, Any]:
 
 
 def _is_int(value: object) -> bool:
+    """An integer as JSON Schema counts them: 3 and 3.0 alike (not true or false)."""
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -100,7 +103,7 @@ def _parse_inputs(value: object, *, max_items: int, param: str) -> Inputs:
     if all(isinstance(v, str) for v in value):
         return Inputs(list(value), None)
     if all(_is_int(v) for v in value):
-        return Inputs(None, [list(value)])
+        return Inputs(None, [[int(v) for v in value]])
     if all(isinstance(v, list) for v in value):
         for index, ids in enumerate(value):
             if not ids:
@@ -115,7 +118,7 @@ def _parse_inputs(value: object, *, max_items: int, param: str) -> Inputs:
                     param=param,
                     code="invalid_input",
                 )
-        return Inputs(None, [list(ids) for ids in value])
+        return Inputs(None, [[int(t) for t in ids] for ids in value])
     raise invalid(
         f"'{param}' mixes types; use only strings, only token ids, or only token id lists",
         param=param,
@@ -240,7 +243,7 @@ def parse_score_request(
         queries,
         documents,
         Weights(*(float(w) for w in raw_weights)),
-        top_n,
+        None if top_n is None else int(top_n),
         parse_flag(body, "return_documents"),
     )
 

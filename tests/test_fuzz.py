@@ -1,0 +1,60 @@
+"""Fuzzing from the served OpenAPI document: schemathesis, every check, against a real server.
+
+The document is the contract: requests it allows are answered 2xx, requests it forbids
+are refused with a 4xx, no request is a 5xx, and every response (status, content type,
+headers, body) is one the document describes. The server runs the tiny BGE-M3-layout
+model with limits small enough that the document states them all exactly (queries x
+documents never exceeds the pair limit; no text reaches the model's length).
+The example count is bounded (CI time); the seed is fixed so a failure reproduces:
+
+    schemathesis run URL/openapi.json --checks all --seed 1 --max-examples 25
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.processes import bge_trio, env_for, serving
+
+MAX_EXAMPLES = 25
+
+
+def test_every_response_conforms_to_the_openapi_document(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
+    env = env_for(
+        tmp_path,
+        BGE_TRIO_MAX_BATCH="64",
+        BGE_TRIO_MAX_SCORE_PAIRS=str(64 * 64),
+        BGE_TRIO_MAX_INPUT_CHARS="300",  # under the model's 512 tokens, so 'error' never fires
+        BGE_TRIO_LOG_LEVEL="WARNING",
+    )
+    with serving(command, env) as server:
+        fuzz = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                server.url + "/openapi.json",
+                "--checks",
+                "all",
+                "--workers",
+                "1",
+                "--max-examples",
+                str(MAX_EXAMPLES),
+                "--seed",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+    report = fuzz.stdout[-6000:] + fuzz.stderr[-2000:]
+    assert fuzz.returncode == 0, report
+    assert "No issues found" in fuzz.stdout, report
+    assert "12 selected / 12 total" in fuzz.stdout, report  # every route was fuzzed
