@@ -69,7 +69,8 @@ def bench(session: nox.Session) -> None:
     ``nox -s bench -- memory``, ``-- load``, ``-- m3`` or ``-- fairness`` runs one of them;
     ``m3`` (BGE-M3 at full size: probe time, held-out accuracy, resident accounting) takes
     about ten minutes on two cores and builds a 2.27 GB stand-in model once; ``fairness``
-    (short queries beside 8,000-token documents on that model) about fifteen. Options after
+    (short queries beside 8,000-token documents on that model) about fifteen; ``shutdown``
+    (SIGTERM under load, to hypercorn's parent and to its process group) about one. Options after
     the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """
     _install(session, "test,bench")

@@ -14,7 +14,7 @@ import pytest
 
 from bge_trio.testing import build_full_m3
 from bge_trio.testing.tiny_m3 import M3_HIDDEN_SIZE, M3_VOCAB_SIZE
-from tests.test_cli import _bge_trio, _env, _serving
+from tests.processes import bge_trio, env_for, serving
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +33,15 @@ def test_passes_over_the_whole_vocabulary_stay_within_the_budgeted_resident_size
     shallow_m3_dir: Path, tmp_path: Path
 ) -> None:
     headroom = 256 << 20
-    command = [*_bge_trio(), "serve", "--model", str(shallow_m3_dir), "--port", "0"]
-    env = _env(
+    command = [*bge_trio(), "serve", "--model", str(shallow_m3_dir), "--port", "0"]
+    env = env_for(
         tmp_path,
         BGE_TRIO_MAX_SEQ_LENGTH="2048",
         BGE_TRIO_DTYPE="fp32",  # sizes below are fp32's
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(headroom),
         BGE_TRIO_MAX_BATCH_TOKENS="16384",
     )
-    with _serving(command, env) as served:
+    with serving(command, env) as served:
         health = httpx.get(served.url + "/health").json()
         embedding_matrix = M3_VOCAB_SIZE * M3_HIDDEN_SIZE * 4
         # every weight counted, resident or not yet touched

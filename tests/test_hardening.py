@@ -415,8 +415,8 @@ async def test_openapi_document_states_this_servers_limits_and_the_server_keeps_
     assert text["maxLength"] == settings.max_input_chars
     assert texts["maxItems"] == ids["maxItems"] == id_lists["maxItems"] == settings.max_batch
     assert ids["items"]["maximum"] == id_lists["items"]["items"]["maximum"] == info.vocab_size - 1
-    for status in ("429", "503"):
-        assert "Retry-After" in embeddings["responses"][status]["headers"]
+    for code in ("429", "503"):
+        assert "Retry-After" in embeddings["responses"][code]["headers"]
     assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
 
     async def status(body: dict[str, Any]) -> int:

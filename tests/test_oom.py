@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import MEMORY_CGROUP_LIMIT
-from tests.test_cli import _env, _serving
+from tests.processes import env_for, serving
 
 
 def test_hammered_with_max_length_batches_inside_a_memory_limit(
@@ -18,7 +18,7 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
 ) -> None:
     server = [sys.executable, "-m", "bge_trio.cli", "serve", "--model", "bundled", "--port", "0"]
     command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
-    env = _env(
+    env = env_for(
         tmp_path,
         BGE_TRIO_PROBE="auto",
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
@@ -26,7 +26,7 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         BGE_TRIO_DTYPE="fp32",  # sizes below are fp32's
     )
     statuses: list[int] = []
-    with _serving(["sh", "-c", command], env) as served:
+    with serving(["sh", "-c", command], env) as served:
         url = served.url
         health = httpx.get(url + "/health").json()
         assert health["memory_limit_bytes"] == MEMORY_CGROUP_LIMIT

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bge_trio.memory.recalibrate import Recalibrator
-from tests.test_cli import _bge_trio, _env, _serving
+from tests.processes import bge_trio, env_for, serving
 
 
 def test_a_pass_above_its_prediction_raises_the_correction_by_its_ratio() -> None:
@@ -73,7 +73,7 @@ def _cache_file(cache_dir: Path) -> Path:
 def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_kill(
     memory_cgroup: Path, tmp_path: Path
 ) -> None:
-    env = _env(
+    env = env_for(
         tmp_path,
         BGE_TRIO_PROBE="auto",
         BGE_TRIO_DTYPE="fp32",  # sizes below are fp32's
@@ -82,9 +82,9 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
         BGE_TRIO_MAX_QUEUE_ITEMS="4096",
         BGE_TRIO_REQUEST_TIMEOUT_S="900",
     )
-    server = [*_bge_trio(), "serve", "--model", "bundled", "--port", "0"]
+    server = [*bge_trio(), "serve", "--model", "bundled", "--port", "0"]
     # 1. a real probe fills the cache; 2. the cached model is cut to a quarter
-    with _serving(server, env):
+    with serving(server, env):
         pass
     cached = _cache_file(tmp_path / "cache")
     data = json.loads(cached.read_text())
@@ -97,7 +97,7 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
     # batches four times the workspace, far past the limit
     command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
     rng = np.random.default_rng(0)
-    with _serving(["sh", "-c", command], env) as served:
+    with serving(["sh", "-c", command], env) as served:
         url = served.url
         health = httpx.get(url + "/health").json()
         assert health["probe_status"] == "cache_hit"

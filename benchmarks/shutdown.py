@@ -1,0 +1,187 @@
+"""Shutdown under load: does every accepted request get an answer?
+
+    python -m benchmarks.shutdown [--graceful 30] [--clients 16] [--texts 32]
+
+Plain ``hypercorn --worker-class trio --graceful-timeout G 'bge_trio.asgi:app'``
+serving the bundled all-MiniLM-L6-v2; ``--clients`` concurrent requests of
+``--texts`` texts of about 310 tokens each (far more work than the window can
+finish on a small machine) are all in the server's hands, then SIGTERM goes
+
+* to the hypercorn parent only (docker stop, Kubernetes), and
+* to the whole process group (systemd's ``KillMode=control-group``).
+
+For each: how many requests were answered 200, 503 (``shutting_down``, with
+``Retry-After``), or not at all; when the answers came after the signal; the exit
+status and how long the process took to exit. Writes ``docs/shutdown.json`` and the
+generated ``docs/shutdown-table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from bge_trio.cgroups import cpu_count
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TEXT = "the quick brown fox jumps over the lazy dog and keeps running far away " * 22
+
+
+def _start(graceful: int, cache: Path) -> tuple[subprocess.Popen[str], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BGE_TRIO_")}
+    metrics = tempfile.mkdtemp(prefix="bge-trio-metrics-")
+    env.update(
+        BGE_TRIO_MODEL="bundled",
+        BGE_TRIO_CACHE_DIR=str(cache),
+        BGE_TRIO_LOG_LEVEL="WARNING",
+        PROMETHEUS_MULTIPROC_DIR=metrics,
+    )
+    command = [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
+    command += ["--graceful-timeout", str(graceful), "--bind", "127.0.0.1:0", "bge_trio.asgi:app"]
+    process = subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        found = re.search(r"Running on (http://\S+)", line)
+        if found:
+            # keep reading so the server never blocks on a full pipe
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            url = found.group(1)
+            break
+    else:
+        raise RuntimeError("the server did not start")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server never became ready")
+
+
+def _in_flight(url: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "bge_trio_requests_in_flight":
+                total += sample.value
+    return total
+
+
+def scenario(how: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    process, url = _start(args.graceful, cache)
+    answers: list[dict[str, Any]] = []
+    body = {"input": [TEXT] * args.texts}
+
+    def client() -> None:
+        try:
+            r = httpx.post(url + "/v1/embeddings", json=body, timeout=600)
+            answers.append(
+                {
+                    "status": r.status_code,
+                    "code": r.json().get("error", {}).get("code") if r.status_code != 200 else None,
+                    "retry_after": r.headers.get("retry-after"),
+                    "at": time.monotonic(),
+                }
+            )
+        except httpx.TransportError as exc:
+            answers.append({"status": None, "code": type(exc).__name__, "at": time.monotonic()})
+
+    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    while _in_flight(url) + len(answers) < args.clients:
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    if how == "parent":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+    for thread in threads:
+        thread.join()
+    code = process.wait(timeout=args.graceful + 60)
+    exited = time.monotonic() - signalled
+    for answer in answers:
+        answer["after_signal_s"] = round(answer.pop("at") - signalled, 2)
+    statuses = [a["status"] for a in answers]
+    return {
+        "signal_to": how,
+        "requests": len(answers),
+        "answered_200": statuses.count(200),
+        "answered_503": statuses.count(503),
+        "dropped": statuses.count(None),
+        "other": sum(1 for s in statuses if s not in (200, 503, None)),
+        "exit_status": code,
+        "exit_after_s": round(exited, 2),
+        "answers": sorted(answers, key=lambda a: a["after_signal_s"]),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| SIGTERM to | requests | 200 | 503 | dropped | last 503 / last 200 after (s) "
+        "| exit status | exit after (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in result["runs"]:
+        ok = [a["after_signal_s"] for a in run["answers"] if a["status"] == 200]
+        refused = [a["after_signal_s"] for a in run["answers"] if a["status"] == 503]
+        lines.append(
+            f"| {run['signal_to']} | {run['requests']} | {run['answered_200']} | "
+            f"{run['answered_503']} | {run['dropped']} | "
+            f"{max(refused, default=0):.2f} / {max(ok, default=0):.2f} | "
+            f"{run['exit_status']} | {run['exit_after_s']:.1f} |"
+        )
+    setup = result["setup"]
+    return (
+        "<!-- generated by `python -m benchmarks.shutdown`; do not edit -->\n"
+        + "\n".join(lines)
+        + f"\n\n{setup['clients']} requests of {setup['texts']} texts, "
+        f"`--graceful-timeout {setup['graceful_timeout_s']}`, {setup['cpus']} CPUs.\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graceful", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--texts", type=int, default=32)
+    args = parser.parse_args()
+    cache = Path(tempfile.mkdtemp(prefix="bge-trio-probe-"))
+    runs = [scenario(how, args, cache) for how in ("parent", "group")]
+    result = {
+        "setup": {
+            "model": "all-MiniLM-L6-v2 (bundled)",
+            "server": "hypercorn --worker-class trio (one worker)",
+            "graceful_timeout_s": args.graceful,
+            "clients": args.clients,
+            "texts": args.texts,
+            "cpus": cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+        },
+        "runs": runs,
+    }
+    (DOCS / "shutdown.json").write_text(json.dumps(result, indent=2) + "\n")
+    (DOCS / "shutdown-table.md").write_text(table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
