@@ -157,7 +157,7 @@ class Scheduler:
         self._in_flight = 0
         self._passes_started = 0
         self._running: dict[int, _Running] = {}  # passes in flight, by id of their batch
-        self._closed: ShuttingDownError | None = None  # set once the process is stopping
+        self._closing: tuple[ShuttingDownError, float] | None = None  # (answer, deadline)
 
     def set_policy(self, policy: BatchPolicy) -> None:
         """The limits of regular passes, and of express passes beside them.
@@ -218,11 +218,14 @@ class Scheduler:
 
         If the caller is cancelled, the request's texts that have not started yet are
         dropped, and a pass whose texts are all dropped stops at its next layer. A
-        failed forward pass raises BatchFailedError; a request refused because the
-        process is stopping raises ShuttingDownError.
+        failed forward pass raises BatchFailedError. Once the process is stopping, a
+        request that cannot finish by the drain's deadline raises ShuttingDownError.
         """
-        if self._closed is not None:
-            raise ShuttingDownError(*self._closed.args)
+        if self._closing is not None:
+            error, deadline = self._closing
+            _, free = self._schedule()
+            if self._finish(free, [len(ids) for ids in token_lists]) > deadline:
+                raise ShuttingDownError(*error.args)
         self._admit(token_lists)
         ticket = Ticket(outputs, len(token_lists))
         now = trio.current_time()
@@ -390,15 +393,17 @@ class Scheduler:
         self._pending = []
 
     def close(self, error: ShuttingDownError, deadline: float) -> int:
-        """Refuse new work from now on, and every request that cannot finish by ``deadline``.
+        """From now on, keep only the work that can finish by ``deadline``.
 
-        Returns how many requests were refused now. A request is kept only if its texts'
-        passes, queued in order on the regular workers at the learnt pace, end before the
-        deadline; before the pace is known (startup) nothing queued can be promised.
-        A pass whose requests are all refused stops at its next layer.
+        Returns how many requests were answered ``error`` now. A request is kept only if
+        its texts' passes, queued in order on the regular workers at the learnt pace,
+        end before the deadline; requests still on their way (being tokenised) are
+        judged the same way when they submit. Before the pace is known (startup) nothing
+        queued can be promised. A pass whose requests are all answered stops at its
+        next layer.
         """
-        self._closed = error
-        finishes = self._predicted_finishes()
+        self._closing = (error, deadline)
+        finishes, _ = self._schedule()
         doomed = {
             id(ticket): ticket
             for ticket, finish in finishes
@@ -417,8 +422,9 @@ class Scheduler:
         self.fail_all(error)
         self._wake.set()
 
-    def _predicted_finishes(self) -> list[tuple[Ticket, float]]:
-        """When each waiting text's pass should end, oldest first.
+    def _schedule(self) -> tuple[list[tuple[Ticket, float]], list[float]]:
+        """When each waiting text's pass should end, oldest first, and when each regular
+        worker is free after all of them.
 
         Texts waiting at the closed gate (startup) have no end in sight (inf). Where
         the pace is not yet known, a pass is assumed to end now: kept, and answered
@@ -426,23 +432,31 @@ class Scheduler:
         """
         now = trio.current_time()
         if not self._gate.is_open:
-            return [(item.ticket, math.inf) for item in self._pending]
+            return [(item.ticket, math.inf) for item in self._pending], []
         finishes: list[tuple[Ticket, float]] = []
-        free = [now] * self._gate.workers  # when each regular worker is next free
+        free = [now] * self._gate.workers
         for running in self._running.values():
             end = now if running.predicted is None else running.started + running.predicted
             if not running.on_express:
                 free[free.index(min(free))] = max(end, now)
             finishes.extend((item.ticket, end) for item in running.batch)
-        curve = self.pace.curve() or (0.0, 0.0, 0.0)
-        t0, t1, t2 = curve
-        cap = self.policy.max_batch_tokens or math.inf
         for item in self._pending:
+            finishes.append((item.ticket, self._finish(free, [item.length])))
+        return finishes, free
+
+    def _finish(self, free: list[float], lengths: Sequence[int]) -> float:
+        """Queue texts of ``lengths`` on the earliest free workers (updating ``free``);
+        when the last one ends. No workers (the gate is closed): never."""
+        if not free:
+            return math.inf
+        t0, t1, t2 = self.pace.curve() or (0.0, 0.0, 0.0)
+        cap = self.policy.max_batch_tokens or math.inf
+        end = -math.inf
+        for length in lengths:
             lane = free.index(min(free))
-            free[lane] += t0 * min(1.0, item.length / cap) + t1 * item.length
-            free[lane] += t2 * item.length * item.length
-            finishes.append((item.ticket, free[lane]))
-        return finishes
+            free[lane] += t0 * min(1.0, length / cap) + t1 * length + t2 * length * length
+            end = max(end, free[lane])
+        return end
 
     async def _gather_company(self) -> None:
         """While requests are on their way, let them join, up to ``batch_wait_s``
