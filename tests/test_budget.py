@@ -98,9 +98,17 @@ def test_environment_override_wins(root: Path) -> None:
     assert detect_memory_limit(root, override=123 << 20) == MemoryLimit(123 << 20, "env")
 
 
-def test_real_machine_limit_is_positive() -> None:
+def test_real_machine_limit_is_the_number_in_the_file_it_names() -> None:
+    """On this machine, whatever it is: the limit and its source agree with the real files."""
     limit = detect_memory_limit()
-    assert limit.bytes > 0
+    if limit.source == "meminfo":
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        (available,) = [int(line.split()[1]) * 1024 for line in lines if "MemAvailable" in line]
+        assert abs(limit.bytes - available) < 0.1 * available  # it moves between two reads
+    else:
+        kind, path = limit.source.split(":", 1)
+        assert kind in ("cgroup1", "cgroup2")
+        assert limit.bytes == int(Path(path).read_text())
 
 
 def test_workspace_divides_by_every_concurrent_forward_in_the_cgroup() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ FIELDS: dict[str, str | int] = {
     "package": "0.1.0",
     "model": "/models/m3#abc",
     "dtype": "fp32",
+    "allocator": "predictable",
     "max_seq": 8192,
     "torch": "2.13.0",
     "cpu": "x86_64 Some CPU",
@@ -69,7 +71,24 @@ def test_corrupt_or_partial_file_is_a_miss(
     cache = ProbeCache(tmp_path)
     key = make_key(**FIELDS)
     cache.path_for(key).write_text(content)
-    assert cache.load(key) is None
+    with caplog.at_level(logging.WARNING, logger="bge_trio.memory.cache"):
+        assert cache.load(key) is None
+    (record,) = caplog.records  # said once, naming the file and what happens next
+    assert str(cache.path_for(key)) in record.getMessage()
+    assert "corrupt" in record.getMessage() or "another configuration" in record.getMessage()
+
+
+def test_the_tests_cover_every_field_of_the_real_key(tiny_encoder: Encoder) -> None:
+    """Every field the server keys its cache on is varied by the miss test above."""
+    assert set(cache_key_for(tiny_encoder, Settings(model="tiny"))) == set(FIELDS)
+
+
+def test_the_allocator_setting_changes_the_key(tiny_encoder: Encoder) -> None:
+    keys = {
+        make_key(**cache_key_for(tiny_encoder, Settings(model="tiny", allocator=allocator))).digest
+        for allocator in ("predictable", "fast")
+    }
+    assert len(keys) == 2
 
 
 def test_negative_coefficients_are_rejected(tmp_path: Path) -> None:

@@ -160,21 +160,35 @@ def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """A scrape of either process counts the requests both served (each process's own
+    count is read from its file, so the test knows both served some)."""
     command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
-    (tmp_path / "prom").mkdir()
-    env = env_for(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    env = env_for(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(prom))
     with (
         serving([*command, "--processes", "2"], env) as server,
         httpx.Client(base_url=server.url) as client,
     ):
         for _ in range(2):
             assert _wait_all_healthy(client)
-        for _ in range(20):  # new connections spread over both processes
+        sent = 0
+        # new connections, until both processes have served some (the kernel picks)
+        while sent < 20 or not _both_served(_served_per_process(prom, tmp_path)):
             with httpx.Client(base_url=server.url) as fresh:
                 assert fresh.post("/v1/embeddings", json={"input": "x"}).status_code == 200
+            sent += 1
+            assert sent < 400, "one process never served a request"
         text = client.get("/metrics").text
+    per_process = _served_per_process(prom, tmp_path)
+    assert _both_served(per_process), per_process
+    assert sum(per_process) == sent
+    assert _embeddings_served(text) == sent
+
+
+def _embeddings_served(text: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -183,8 +197,29 @@ def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -
                 "status": "200",
             }:
                 total += sample.value
-    assert total == 20
-    assert len(list((tmp_path / "prom").glob("gauge_max_*.db"))) == 2  # both processes wrote
+    return total
+
+
+def _served_per_process(prom: Path, tmp_path: Path) -> list[float]:
+    """Each process's own count of /v1/embeddings 200s, from its own counter file."""
+    import shutil
+
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    counts = []
+    for index, counter in enumerate(sorted(prom.glob("counter_*.db"))):
+        alone = tmp_path / f"alone-{index}"
+        shutil.rmtree(alone, ignore_errors=True)
+        alone.mkdir()
+        shutil.copy(counter, alone)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+        counts.append(_embeddings_served(generate_latest(registry).decode()))
+    return counts
+
+
+def _both_served(per_process: list[float]) -> bool:
+    return len([count for count in per_process if count > 0]) == 2
 
 
 def _wait_all_healthy(client: httpx.Client) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from bge_trio.config import Settings
 from bge_trio.memory.budget import Budget
@@ -15,6 +16,7 @@ from bge_trio.memory.plan import MemoryPlan
 from bge_trio.memory.probe import Progress
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource
+from bge_trio.scheduler.gate import Gate
 from tests.conftest import running_server
 
 
@@ -149,3 +151,29 @@ async def test_memory_too_small_fails_startup_clearly(
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "server_failed"
         assert "BGE_TRIO" not in r.text  # details stay in the log
+
+
+async def test_the_gate_lifts_its_wait_deadline_when_it_opens() -> None:
+    """Work let through before the startup wait ran out is not cut off by it later."""
+    gate = Gate(1)
+    with gate.until(trio.current_time() + 0.2) as waited:
+        await trio.sleep(0.1)
+        gate.open()
+        await trio.sleep(0.3)  # past the deadline the gate set
+    assert not waited.cancelled_caught
+
+
+async def test_a_gate_still_closed_at_the_deadline_gives_up() -> None:
+    gate = Gate(1)
+    start = trio.current_time()
+    with gate.until(start + 0.2) as waited:
+        await trio.sleep(10)
+    assert waited.cancelled_caught
+    assert trio.current_time() - start < 1
+    with gate.until(trio.current_time() - 1) as late:  # already past
+        await trio.lowlevel.checkpoint()
+    assert late.cancelled_caught
+    gate.open()
+    with gate.until(trio.current_time() - 1) as opened:  # an open gate bounds nothing
+        await trio.lowlevel.checkpoint()
+    assert not opened.cancelled_caught

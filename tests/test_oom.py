@@ -53,5 +53,9 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
     assert len(statuses) == 16
     assert set(statuses) <= {200, 413, 429}
     assert 200 in statuses
+    # The kernel caps usage at the limit anyway; what matters is that it was never reached
+    # (no forced reclaim, no allocation stalled at the limit).
+    failcnt = int((memory_cgroup / "memory.failcnt").read_text())
     peak = int((memory_cgroup / "memory.max_usage_in_bytes").read_text())
-    assert peak <= MEMORY_CGROUP_LIMIT
+    assert failcnt == 0, f"the limit was hit {failcnt} times (peak {peak} bytes)"
+    assert peak < MEMORY_CGROUP_LIMIT

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bge_trio.model.source import ModelSource
 from tests.conftest import Server, running_server
 from tests.reference import ReferenceM3, colbert_score, dense_score, sparse_score
 
@@ -69,15 +70,25 @@ async def test_scores_equal_the_reference(
     assert answer["usage"]["prompt_tokens"] == tokens
 
 
-async def test_top_n_and_return_documents(tiny_server: Server) -> None:
+async def test_top_n_keeps_the_best_n_in_order_with_their_documents(tiny_server: Server) -> None:
+    full = await tiny_server.client.post(
+        "/v1/score", json={"queries": "fox", "documents": DOCUMENTS}
+    )
+    ranking = full.json()["data"][0]["results"]
+    scores = [result["score"] for result in ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(result["index"] for result in ranking) == list(range(len(DOCUMENTS)))
     r = await tiny_server.client.post(
         "/v1/score",
         json={"queries": "fox", "documents": DOCUMENTS, "top_n": 2, "return_documents": True},
     )
     (item,) = r.json()["data"]
-    assert len(item["results"]) == 2
+    assert [(x["index"], x["score"]) for x in item["results"]] == [
+        (x["index"], x["score"]) for x in ranking[:2]
+    ]
     for result in item["results"]:
         assert result["document"] == DOCUMENTS[result["index"]]
+    assert all("document" not in result for result in ranking)
 
 
 @pytest.fixture
@@ -144,32 +155,43 @@ async def test_tokenize_matches_the_tokenizer(tiny_server: Server, reference: Re
     assert [t["id"] for t in plain.json()[0]] == [t["id"] for t in first[1:-1]]
 
 
-async def _check_round_trip(server: Server, special_ids: list[int]) -> None:
+async def _check_round_trip(server: Server, tokenizer: Any, special_ids: list[int]) -> None:
+    """/decode of /tokenize is the tokenizer's own decode of those ids, and stable."""
     texts = ["The Quick brown fox, jumps!", "Le chat dort sur le rebord."]
-    once = await _round_trip(server, texts)
-    assert await _round_trip(server, once) == once
+    ids, once = await _round_trip(server, texts)
+    assert once == [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    assert (await _round_trip(server, once))[1] == once
     kept = await server.client.post(
         "/decode", json={"ids": special_ids, "skip_special_tokens": False}
     )
     skipped = await server.client.post("/decode", json={"ids": special_ids})
+    assert kept.json() == [tokenizer.decode(special_ids, skip_special_tokens=False)]
+    assert skipped.json() == [tokenizer.decode(special_ids, skip_special_tokens=True)]
     assert len(kept.json()[0]) > len(skipped.json()[0])
 
 
-async def test_decode_of_tokenize_is_stable_tiny(tiny_server: Server) -> None:
-    await _check_round_trip(tiny_server, [0, 5, 2])
+async def test_decode_of_tokenize_is_the_tokenizers_own_tiny(
+    tiny_server: Server, reference: ReferenceM3
+) -> None:
+    await _check_round_trip(tiny_server, reference.tokenizer, [0, 5, 2])
 
 
-async def test_decode_of_tokenize_is_stable_minilm(bundled_server: Server) -> None:
-    await _check_round_trip(bundled_server, [101, 2000, 102])
+async def test_decode_of_tokenize_is_the_tokenizers_own_minilm(
+    bundled_server: Server, bundled_source: ModelSource
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_source.path))
+    await _check_round_trip(bundled_server, tokenizer, [101, 2000, 102])
 
 
-async def _round_trip(server: Server, texts: list[str]) -> list[str]:
+async def _round_trip(server: Server, texts: list[str]) -> tuple[list[list[int]], list[str]]:
     tokens = (await server.client.post("/tokenize", json={"inputs": texts})).json()
     ids = [[t["id"] for t in row] for row in tokens]
     decoded = await server.client.post("/decode", json={"ids": ids})
     assert decoded.status_code == 200
     result: list[str] = decoded.json()
-    return result
+    return ids, result
 
 
 @pytest.mark.parametrize(

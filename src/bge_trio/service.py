@@ -404,28 +404,10 @@ class EmbeddingService:
         self, ids: list[list[int]], outputs: frozenset[Output], arrived: float, timing: Timing
     ) -> list[Embedding]:
         """Queue the texts; while the gate is still closed, give up at the startup wait."""
-        if self.gate.is_open:
+        with self.gate.until(arrived + self.settings.startup_wait_s) as waited:
             return await self.scheduler.submit(ids, outputs, timing)
-        results: list[Embedding] | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def give_up_if_still_closed() -> None:
-                    remaining = arrived + self.settings.startup_wait_s - trio.current_time()
-                    if not await self.gate.wait_open(remaining):
-                        nursery.cancel_scope.cancel()
-
-                nursery.start_soon(give_up_if_still_closed)
-                results = await self.scheduler.submit(ids, outputs, timing)
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # only submit can fail here; surface its error as itself
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
-        if results is None:
-            raise unavailable(f"the server is still {self.status}; retry shortly", retry_after_s=5)
-        return results
+        assert waited.cancelled_caught
+        raise unavailable(f"the server is still {self.status}; retry shortly", retry_after_s=5)
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:
