@@ -70,7 +70,8 @@ def bench(session: nox.Session) -> None:
     ``m3`` (BGE-M3 at full size: probe time, held-out accuracy, resident accounting) takes
     about ten minutes on two cores and builds a 2.27 GB stand-in model once; ``fairness``
     (short queries beside 8,000-token documents on that model) about fifteen; ``shutdown``
-    (SIGTERM under load, to hypercorn's parent and to its process group) about one. Options after
+    (SIGTERM under load, to hypercorn's parent and to its process group) about one;
+    ``batching`` (batch caps and allocators, in-process) about five. Options after
     the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """
     _install(session, "test,bench")

@@ -8,7 +8,8 @@ core (no HTTP, no queue), for each cap in ``--caps`` and for both values of
 ``BGE_TRIO_ALLOCATOR``. glibc's mmap threshold cannot be unset once fixed, so each
 allocator runs in a process of its own. Each configuration runs ``--repeats``
 times; the table gives the median and the range. Writes ``docs/batching.json``
-and the generated ``docs/batching-table.md``.
+and the generated ``docs/batching-table.md``, and puts the same table into
+``docs/performance.md`` between its markers.
 """
 
 from __future__ import annotations
@@ -97,7 +98,18 @@ def main() -> None:
     }
     (DOCS / "batching.json").write_text(json.dumps(result, indent=2) + "\n")
     (DOCS / "batching-table.md").write_text(table(result))
+    _into_performance_md(table(result))
     print(table(result))
+
+
+def _into_performance_md(text: str) -> None:
+    """The same table in docs/performance.md, between its markers."""
+    path = DOCS / "performance.md"
+    doc = path.read_text()
+    start = doc.index("<!-- batching-table:")
+    start = doc.index("\n", start) + 1
+    end = doc.index("<!-- /batching-table -->")
+    path.write_text(doc[:start] + text + doc[end:])
 
 
 if __name__ == "__main__":

@@ -60,13 +60,13 @@ async def test_request_during_probe_waits_then_succeeds(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request)
             for _ in range(1000):  # until the request is queued behind the closed gate
-                if server.service.scheduler.queued_items:
+                if server.service.scheduler.statistics().queued_items:
                     break
                 await trio.sleep(0.01)
-            assert server.service.scheduler.queued_items == 1  # it arrived...
+            assert server.service.scheduler.statistics().queued_items == 1  # it arrived...
             await trio.sleep(0.2)
             assert answers == []  # ...and is held at the gate
-            assert server.service.scheduler.forwarded_items == 0
+            assert server.service.scheduler.statistics().forwarded_items == 0
             probe.release.set()
         assert answers == [200]
         health = await server.client.get("/health")

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
 from bge_trio.model.source import ModelSource
+from bge_trio.scheduler.batching import BatchPolicy
 from tests.conftest import Server, running_server, wait_ready
 from tests.test_gate import ControllableProbe
 
@@ -43,7 +44,7 @@ async def test_overload_is_429_with_retry_after_and_no_5xx(
             for _ in range(2):  # 8 texts: the queue is full
                 nursery.start_soon(client, ["four texts"] * 4)
             with trio.fail_after(30):
-                while server.service.scheduler.queued_items < 8:  # noqa: ASYNC110 - a counter
+                while server.service.scheduler.statistics().queued_items < 8:  # noqa: ASYNC110 - a counter
                     await trio.sleep(0.01)
             await client(["one more text"])  # a single text is refused like a batch
             await client(["a"] * 3)
@@ -74,7 +75,7 @@ async def test_flood_sheds_load_without_errors(tiny_model_dir: Path, settings_fo
         assert 200 in statuses
         assert 429 in statuses
         assert (await server.client.get("/health")).status_code == 200
-        assert server.service.scheduler.queued_items == 0
+        assert server.service.scheduler.statistics().queued_items == 0
 
 
 async def test_deadline_passes_and_texts_never_reach_the_model(
@@ -91,7 +92,7 @@ async def test_deadline_passes_and_texts_never_reach_the_model(
         await wait_ready(server.client)
         r = await server.client.post("/v1/embeddings", json={"input": "marker"})
         assert r.status_code == 200
-        assert server.service.scheduler.forwarded_items == 1
+        assert server.service.scheduler.statistics().forwarded_items == 1
 
 
 async def test_disconnected_client_texts_are_dropped(
@@ -109,7 +110,7 @@ async def test_disconnected_client_texts_are_dropped(
         await wait_ready(server.client)
         r = await server.client.post("/v1/embeddings", json={"input": "marker"})
         assert r.status_code == 200
-        assert server.service.scheduler.forwarded_items == 1
+        assert server.service.scheduler.statistics().forwarded_items == 1
 
 
 class FaultyEncoder(Encoder):
@@ -156,21 +157,19 @@ async def test_faults_fail_their_batch_flip_health_and_recover(
         assert (await client.get("/health")).status_code == 200
 
 
-class ExplodingPolicy:
+class ExplodingPolicy(BatchPolicy):
     """A batch policy that breaks the scheduler itself."""
 
     def fits(self, batch: int, seq: int) -> bool:
         raise RuntimeError("planner bug")
-
-    def max_single_length(self) -> int:
-        return 10_000
 
 
 async def test_a_crashed_scheduler_answers_and_reports(
     tiny_model_dir: Path, settings_for: Any
 ) -> None:
     async with running_server(settings_for(tiny_model_dir)) as server:
-        server.service.scheduler.policy = ExplodingPolicy()  # type: ignore[assignment]
+        given = server.service.scheduler.given_policy
+        server.service.scheduler.set_policy(ExplodingPolicy(given.cost, given.workspace_bytes))
         r = await server.client.post("/v1/embeddings", json={"input": ["a", "b"]})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "server_failed"

@@ -129,7 +129,7 @@ async def test_short_texts_overtake_a_long_pass_on_the_express_lane(
         model.let_go()
         await long_done.wait()
         nursery.cancel_scope.cancel()
-    assert scheduler.express_passes == 3
+    assert scheduler.statistics().express_passes == 3
 
 
 async def test_a_long_pass_gives_up_a_core_at_its_next_layer_while_express_runs(
@@ -159,7 +159,7 @@ async def test_a_long_pass_gives_up_a_core_at_its_next_layer_while_express_runs(
 
 
 def _seed_quick(scheduler: Scheduler) -> None:
-    scheduler.pace.seed((b, s, 0.001 + b * s * 1e-5) for b, s in [(1, 40), (4, 100), (1, 8)] * 4)
+    scheduler.seed_pace((b, s, 0.001 + b * s * 1e-5) for b, s in [(1, 40), (4, 100), (1, 8)] * 4)
 
 
 async def test_a_pass_predicted_long_starts_on_shared_threads_then_takes_every_core(
@@ -190,7 +190,7 @@ async def test_long_texts_never_take_the_express_lane(tiny_encoder: Encoder) -> 
         await trio.to_thread.run_sync(model.long_started.wait)
         with trio.move_on_after(0.5):  # a second long text waits for the regular worker
             await scheduler.submit([_text(LONG, 1)], DENSE)
-        assert scheduler.express_passes == 0
+        assert scheduler.statistics().express_passes == 0
         model.let_go()
         nursery.cancel_scope.cancel()
 
@@ -215,8 +215,8 @@ async def test_a_pass_nobody_waits_for_stops_at_the_next_layer(tiny_encoder: Enc
         assert model.layers_run == [1]  # the first layer was under way; no other ran
         (after,) = await scheduler.submit([_text(LONG, 2)], DENSE)  # the worker is free
         assert after.dense is not None
-        assert scheduler.abandoned_passes == 1
-        assert scheduler.consecutive_failures == 0  # not a failure
+        assert scheduler.statistics().passes_stopped_early == 1
+        assert scheduler.statistics().consecutive_failures == 0  # not a failure
         nursery.cancel_scope.cancel()
     assert model.layers_run == [1, layers]
 
@@ -228,7 +228,7 @@ async def test_a_text_that_cannot_finish_in_time_is_refused_before_it_runs(
     model.let_go()
     scheduler = _scheduler(model, max_wait_s=2.0)
     # the pace says 1 ms per token plus attention: 40 tokens ~0.05 s, 1,500 ~ 3.8 s
-    scheduler.pace.seed(
+    scheduler.seed_pace(
         (b, s, 0.01 + b * s * (0.001 + 1e-6 * s)) for b, s in [(1, 40), (4, 100), (1, 800)] * 4
     )
     async with trio.open_nursery() as nursery:
@@ -238,7 +238,7 @@ async def test_a_text_that_cannot_finish_in_time_is_refused_before_it_runs(
         assert refused.value.index == 1
         assert refused.value.estimate_s == pytest.approx(0.01 + 1500 * (0.001 + 1.5e-3), rel=0.01)
         assert model.layers_run == []  # nothing of it ran
-        assert scheduler.queued_items == 0
+        assert scheduler.statistics().queued_items == 0
         await scheduler.submit([_text(LONG)], DENSE)  # one that fits goes through
         nursery.cancel_scope.cancel()
 
@@ -248,7 +248,7 @@ async def test_a_short_query_is_not_refused_for_the_long_work_queued(
 ) -> None:
     model = LayeredModel(tiny_encoder)
     scheduler = _scheduler(model, max_wait_s=2.0)
-    scheduler.pace.seed(
+    scheduler.seed_pace(
         (b, s, 0.01 + b * s * (0.001 + 1e-6 * s)) for b, s in [(1, 40), (4, 100), (1, 800)] * 4
     )
     async with trio.open_nursery() as nursery:
@@ -258,7 +258,7 @@ async def test_a_short_query_is_not_refused_for_the_long_work_queued(
         for seed in range(1, 4):  # ~0.57 s each at the seeded pace
             nursery.start_soon(scheduler.submit, [_text(400, seed)], DENSE)
         await trio.sleep(0.1)
-        assert scheduler.queued_items == 3
+        assert scheduler.statistics().queued_items == 3
         with pytest.raises(QueueFullError) as full:  # three queued + itself: ~2.3 s > 2 s
             await scheduler.submit([_text(400, 9)], DENSE)
         assert full.value.retry_after_s >= 1
@@ -300,7 +300,7 @@ async def test_the_server_refuses_a_text_it_cannot_finish_in_time_with_the_estim
     settings = settings_for(tiny_model_dir, request_timeout_s=2.0)
     async with running_server(settings) as server:
         # as the probe's timed passes (or earlier traffic) would have taught it
-        server.service.scheduler.pace.seed(
+        server.service.scheduler.seed_pace(
             (b, s, 0.01 + b * s * (0.001 + 1e-5 * s)) for b, s in [(1, 40), (4, 100), (1, 400)] * 4
         )
         text = " ".join(["word"] * 300)

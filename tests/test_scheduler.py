@@ -119,7 +119,7 @@ async def test_cancelled_requests_never_reach_the_model(tiny_encoder: Encoder) -
             await answered.wait()
         nursery.cancel_scope.cancel()
     assert model.seen == Counter({tuple(kept[0]): 1})
-    assert scheduler.forwarded_items == 1
+    assert scheduler.statistics().forwarded_items == 1
 
 
 async def test_concurrent_requests_share_batches(tiny_encoder: Encoder) -> None:

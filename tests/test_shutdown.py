@@ -244,13 +244,13 @@ async def test_requests_waiting_at_the_closed_gate_are_answered_when_shutdown_be
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request)
-            await _until(lambda: server.service.scheduler.queued_items, 10)
+            await _until(lambda: server.service.scheduler.statistics().queued_items, 10)
             server.service.begin_shutdown(30.0)
             await _until(lambda: answers, 2)  # long before the 60 s startup wait
             probe.release.set()
         assert answers[0].status_code == 503
         assert answers[0].json()["error"]["code"] == "shutting_down"
-        assert server.service.scheduler.forwarded_items == 0
+        assert server.service.scheduler.statistics().forwarded_items == 0
 
 
 async def test_anything_still_waiting_at_the_end_of_the_window_is_answered(
@@ -272,7 +272,7 @@ async def test_anything_still_waiting_at_the_end_of_the_window_is_answered(
         server.service.gate.open()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request)
-            await _until(lambda: server.service.scheduler.forwarded_items, 10)
+            await _until(lambda: server.service.scheduler.statistics().forwarded_items, 10)
             began = trio.current_time()
             server.service.begin_shutdown(1.0)
             await _until(lambda: answers, 5)

@@ -36,7 +36,15 @@ import trio
 from bge_trio import metrics
 from bge_trio.cgroups import CpuLimit, detect_cpu_limit
 from bge_trio.config import LongInput, Settings
-from bge_trio.errors import ApiError, invalid, unavailable
+from bge_trio.errors import (
+    BatchFailed,
+    NotReady,
+    Overloaded,
+    ServerFailed,
+    ShuttingDown,
+    TooLarge,
+    invalid,
+)
 from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.cost import CONSERVATIVE
 from bge_trio.memory.plan import (
@@ -191,7 +199,7 @@ class EmbeddingService:
                     max_batch_tokens=self.settings.max_batch_tokens,
                 )
             )
-            self.scheduler.pace.seed(self.memory.pass_seconds)
+            self.scheduler.seed_pace(self.memory.pass_seconds)
             await self.scheduler.on_forward_thread(self._readiness_check)
             self._publish_memory_metrics(self.memory)
             self.status = "ok"
@@ -397,7 +405,11 @@ class EmbeddingService:
         if self.status == "error":
             raise _server_failed()
         if self.encoder is None:
-            raise unavailable(f"the model is still {self.status}; retry shortly", retry_after_s=5)
+            raise NotReady(
+                f"the model is still {self.status}; retry shortly",
+                retry_after_s=5,
+                code="not_ready",
+            )
         return self.encoder
 
     async def _submit(
@@ -407,7 +419,9 @@ class EmbeddingService:
         with self.gate.until(arrived + self.settings.startup_wait_s) as waited:
             return await self.scheduler.submit(ids, outputs, timing)
         assert waited.cancelled_caught
-        raise unavailable(f"the server is still {self.status}; retry shortly", retry_after_s=5)
+        raise NotReady(
+            f"the server is still {self.status}; retry shortly", retry_after_s=5, code="not_ready"
+        )
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:
@@ -425,7 +439,7 @@ class EmbeddingService:
         return (
             self.status == "ok"
             and not self.draining
-            and self.scheduler.consecutive_failures < self.settings.failure_threshold
+            and self.scheduler.statistics().consecutive_failures < self.settings.failure_threshold
         )
 
     async def embed(
@@ -477,14 +491,12 @@ class EmbeddingService:
         except BatchFailedError:
             if self.status == "error":
                 raise _server_failed() from None
-            raise ApiError(500, "internal server error", type="server_error") from None
+            raise BatchFailed("a forward pass failed") from None
         except QueueFullError as exc:
-            raise ApiError(
-                429,
+            raise Overloaded(
                 f"the server is at capacity ({exc}); retry after a short wait",
-                type="rate_limit_exceeded",
+                retry_after_s=exc.retry_after_s,
                 code="queue_full",
-                headers={"Retry-After": str(round(exc.retry_after_s))},
             ) from None
         except TooSlowError as exc:
             raise _too_slow(exc) from None
@@ -566,8 +578,7 @@ class EmbeddingService:
                     code="context_length_exceeded",
                 )
             if len(ids) > fits and long_input == "error":
-                raise ApiError(
-                    413,
+                raise TooLarge(
                     f"input[{index}] has {len(ids)} tokens; the largest text that fits this "
                     f"server's memory budget has {fits} tokens; shorten it, or send "
                     "'long_input': 'truncate' or 'chunk'",
@@ -579,22 +590,22 @@ class EmbeddingService:
 
     def speed(self) -> dict[str, object]:
         """What the scheduler has learnt about forward passes (None until measured)."""
-        pace = self.scheduler.pace
-        curve = pace.curve()
-        sample = pace.predict(1, 512)
+        stats = self.scheduler.statistics()
+        curve = stats.pace_curve
+        sample = self.scheduler.predict_seconds(1, 512)
         return {
-            "passes_observed": pace.passes,
+            "passes_observed": stats.passes_observed,
             "pass_overhead_ms": None if curve is None else round(curve[0] * 1000, 3),
-            "pass_overhead_tokens": round(pace.overhead_tokens, 1),
+            "pass_overhead_tokens": round(stats.pace_overhead_tokens, 1),
             "us_per_token": None if curve is None else round(curve[1] * 1e6, 3),
             "us_per_token_per_1k_length": None if curve is None else round(curve[2] * 1e9, 4),
             "tokens_per_s_at_512": None if sample is None else round(512 / sample, 1),
             "express_lane": {
                 "max_tokens": self.lanes.express_tokens,
-                "open": self.scheduler.express_policy is not None,
-                "passes": self.scheduler.express_passes,
+                "open": stats.express_open,
+                "passes": stats.express_passes,
             },
-            "passes_stopped_early": self.scheduler.abandoned_passes,
+            "passes_stopped_early": stats.passes_stopped_early,
         }
 
     def health(self) -> dict[str, object]:
@@ -605,9 +616,10 @@ class EmbeddingService:
             status = "draining"
         body: dict[str, object] = {"status": status}
         if self.status == "ok":
-            body["consecutive_failures"] = self.scheduler.consecutive_failures
-            body["queued_items"] = self.scheduler.queued_items
-            body["queued_tokens"] = self.scheduler.queued_tokens
+            stats = self.scheduler.statistics()
+            body["consecutive_failures"] = stats.consecutive_failures
+            body["queued_items"] = stats.queued_items
+            body["queued_tokens"] = stats.queued_tokens
             body["requests_in_flight"] = self.requests_in_flight
         if self.status == "probing" and self.probe_progress is not None:
             step = self.probe_progress
@@ -631,24 +643,19 @@ def _pass_meter() -> PeakMeter | None:
     return meter if meter.method == "vmhwm" else None
 
 
-def _server_failed() -> ApiError:
+def _server_failed() -> ServerFailed:
     """Startup failed for good, or the scheduler crashed: the process is about to exit."""
-    return ApiError(
-        503,
-        "the server has failed and is shutting down; see its log",
-        type="server_error",
-        code="server_failed",
+    return ServerFailed(
+        "the server has failed and is shutting down; see its log", code="server_failed"
     )
 
 
-def _shutting_down() -> ApiError:
+def _shutting_down() -> ShuttingDown:
     """The process is stopping: another replica (or this one, restarted) will answer."""
-    return ApiError(
-        503,
+    return ShuttingDown(
         "the server is shutting down; retry the request (another replica will answer it)",
-        type="service_unavailable",
+        retry_after_s=1,
         code="shutting_down",
-        headers={"Retry-After": "1"},
     )
 
 
@@ -657,9 +664,8 @@ def _expected(exc: Exception) -> bool:
     return isinstance(exc, MemoryTooSmallError | ModelConfigError | OSError)
 
 
-def _too_slow(exc: TooSlowError) -> ApiError:
-    return ApiError(
-        413,
+def _too_slow(exc: TooSlowError) -> TooLarge:
+    return TooLarge(
         f"input[{exc.index}] has {exc.tokens} tokens; at this server's measured pace it would "
         f"take about {exc.estimate_s:.0f} s, more than the request deadline of "
         f"{exc.deadline_s:g} s. Send a shorter text (or its parts in separate requests), or "

@@ -15,7 +15,7 @@ import uuid
 from quart import Quart, Response, g, request
 
 from bge_trio import metrics
-from bge_trio.errors import ApiError
+from bge_trio.errors import Unauthorized
 
 log = logging.getLogger("bge_trio.access")
 
@@ -35,12 +35,9 @@ def install(app: Quart, api_key: str | None) -> None:
         if expected is not None and request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                raise ApiError(
-                    401,
+                raise Unauthorized(
                     "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                    type="authentication_error",
                     code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
                 )
 
     @app.after_request

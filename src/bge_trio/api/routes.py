@@ -19,7 +19,7 @@ from bge_trio import __version__, metrics
 from bge_trio.api import openapi, schemas
 from bge_trio.api.encoding import encode_matrix, encode_vector, shorten, sparse_values
 from bge_trio.api.errors import json_response
-from bge_trio.errors import ApiError, invalid
+from bge_trio.errors import TimedOut, invalid
 from bge_trio.memory.probe import resident_bytes
 from bge_trio.model.encoder import Embedding, Output
 from bge_trio.scheduler.scheduler import Timing
@@ -64,10 +64,8 @@ def create_blueprint(service: EmbeddingService) -> Blueprint:
         limit = service.settings.request_timeout_s
         with trio.move_on_after(limit):
             return await fn(*args)
-        raise ApiError(
-            504,
+        raise TimedOut(
             f"the request did not finish within {limit:g} s; retry, or send fewer texts",
-            type="timeout_error",
             code="request_timeout",
         )
 

@@ -13,7 +13,7 @@ import attrs
 import orjson
 
 from bge_trio.config import LONG_INPUTS, LongInput
-from bge_trio.errors import ApiError, invalid
+from bge_trio.errors import UnsupportedMediaType, invalid
 from bge_trio.scoring import Weights
 
 EncodingFormat = Literal["float", "base64"]
@@ -34,8 +34,7 @@ def parse_json_body(content_type: str | None, data: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 415/400 explaining what is wrong."""
     mimetype = (content_type or "").split(";", 1)[0].strip().lower()
     if mimetype != "application/json":
-        raise ApiError(
-            415,
+        raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {mimetype or 'missing'!r}",
             code="unsupported_media_type",
         )

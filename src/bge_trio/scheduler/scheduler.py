@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -128,24 +128,24 @@ class Scheduler:
         self._gate = gate
         self.lanes = lanes or plan_lanes(gate.workers, gate.workers, express_tokens=0)
         self._set_threads = threads
-        self.policy = policy
-        self.given_policy = policy  # before the express lane's share is set aside
-        self.express_policy: BatchPolicy | None = None
+        self._policy = policy
+        self._given_policy = policy  # before the express lane's share is set aside
+        self._express_policy: BatchPolicy | None = None
         self.set_policy(policy)
         self._batch_wait_s = batch_wait_s
         self.max_queue_items = max_queue_items
         self.max_queue_tokens = max_queue_tokens
         self.max_wait_s = max_wait_s
-        self.pace = PassPace()
+        self._pace = PassPace()
         self._pending: list[WorkItem] = []  # oldest first
         self._wake = trio.Event()  # set when work arrives or a lane frees up
         self._observer: Observer = observer or _Unobserved()
-        self.queued_items = 0  # admitted texts not yet in a forward pass (or dropped)
-        self.queued_tokens = 0
-        self.forwarded_items = 0  # texts that reached the model, for observability
-        self.abandoned_passes = 0  # stopped between layers: nobody waited any more
-        self.express_passes = 0
-        self.consecutive_failures = 0
+        self._queued_items = 0  # admitted texts not yet in a forward pass (or dropped)
+        self._queued_tokens = 0
+        self._forwarded_items = 0  # texts that reached the model, for observability
+        self._abandoned_passes = 0  # stopped between layers: nobody waited any more
+        self._express_passes = 0
+        self._consecutive_failures = 0
         self._threads: list[PinnedThread] = []  # while run() runs
         self._express_busy = False
         self._express_ended = -math.inf  # time.monotonic(): read on the forward threads
@@ -159,6 +159,44 @@ class Scheduler:
         self._running: dict[int, _Running] = {}  # passes in flight, by id of their batch
         self._closing: tuple[ShuttingDownError, float] | None = None  # (answer, deadline)
 
+    @property
+    def policy(self) -> BatchPolicy:
+        """The limits of regular passes (the given policy less the express lane's share)."""
+        return self._policy
+
+    @property
+    def express_policy(self) -> BatchPolicy | None:
+        """The limits of express passes; None while the express lane is shut."""
+        return self._express_policy
+
+    @property
+    def given_policy(self) -> BatchPolicy:
+        """The policy last given to :meth:`set_policy`."""
+        return self._given_policy
+
+    def seed_pace(self, passes: Iterable[tuple[int, int, float]]) -> None:
+        """Start the pace from (batch, seq, seconds) passes timed elsewhere (the probe)."""
+        self._pace.seed(passes)
+
+    def predict_seconds(self, batch: int, seq: int) -> float | None:
+        """How long a pass of ``batch`` texts padded to ``seq`` takes (None: unknown yet)."""
+        return self._pace.predict(batch, seq)
+
+    def statistics(self) -> SchedulerStatistics:
+        """A snapshot of what the scheduler holds and has done."""
+        return SchedulerStatistics(
+            queued_items=self._queued_items,
+            queued_tokens=self._queued_tokens,
+            forwarded_items=self._forwarded_items,
+            passes_stopped_early=self._abandoned_passes,
+            express_passes=self._express_passes,
+            express_open=self._express_policy is not None,
+            consecutive_failures=self._consecutive_failures,
+            passes_observed=self._pace.passes,
+            pace_curve=self._pace.curve(),
+            pace_overhead_tokens=self._pace.overhead_tokens,
+        )
+
     def set_policy(self, policy: BatchPolicy) -> None:
         """The limits of regular passes, and of express passes beside them.
 
@@ -167,17 +205,17 @@ class Scheduler:
         from the regular workspace. Where that would take more than a tenth of it, the
         express lane stays shut: memory comes first.
         """
-        self.given_policy = policy
+        self._given_policy = policy
         tokens = self.lanes.express_tokens
         reserve = policy.cost.predict(1, tokens) if tokens else math.inf
         if tokens and reserve <= 0.1 * policy.workspace_bytes:
-            self.express_policy = BatchPolicy(
+            self._express_policy = BatchPolicy(
                 policy.cost, reserve, max_batch_tokens=tokens, max_batch_items=tokens
             )
-            self.policy = attrs.evolve(policy, workspace_bytes=policy.workspace_bytes - reserve)
+            self._policy = attrs.evolve(policy, workspace_bytes=policy.workspace_bytes - reserve)
         else:
-            self.express_policy = None
-            self.policy = policy
+            self._express_policy = None
+            self._policy = policy
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -258,26 +296,26 @@ class Scheduler:
         """
         lengths = [len(ids) for ids in token_lists]
         for index, length in enumerate(lengths):
-            alone = self.pace.predict(1, length)
+            alone = self._pace.predict(1, length)
             if alone is not None and alone > self.max_wait_s:
                 raise TooSlowError(index, length, alone, self.max_wait_s)
         items = len(lengths)
         tokens = sum(lengths)
-        if self.queued_items:
+        if self._queued_items:
             wait = self.expected_wait_s(lengths)
             if (
-                self.queued_items + items > self.max_queue_items
-                or self.queued_tokens + tokens > self.max_queue_tokens
+                self._queued_items + items > self.max_queue_items
+                or self._queued_tokens + tokens > self.max_queue_tokens
                 or wait > self.max_wait_s
             ):
                 raise QueueFullError(
-                    f"{self.queued_items} texts ({self.queued_tokens} tokens) are already "
+                    f"{self._queued_items} texts ({self._queued_tokens} tokens) are already "
                     f"queued; this request would finish in about {wait:.0f} s",
                     retry_after_s=max(1.0, wait - self.max_wait_s),
                 )
-        self.queued_items += items
-        self.queued_tokens += tokens
-        self._observer.queue_changed(self.queued_items, self.queued_tokens)
+        self._queued_items += items
+        self._queued_tokens += tokens
+        self._observer.queue_changed(self._queued_items, self._queued_tokens)
 
     def expected_wait_s(self, lengths: Sequence[int] = ()) -> float:
         """How long the queue plus texts of ``lengths`` take at the learnt pace; 0 if unknown.
@@ -287,11 +325,11 @@ class Scheduler:
         short enough for the express lane do not wait behind the long ones; only the
         short work queued counts for them.
         """
-        curve = self.pace.curve()
+        curve = self._pace.curve()
         if curve is None:
             return 0.0
         t0, t1, t2 = curve
-        express = self.express_policy is not None and all(
+        express = self._express_policy is not None and all(
             length <= self.lanes.express_tokens for length in lengths
         )
         queued = [
@@ -302,15 +340,15 @@ class Scheduler:
         everything = [*queued, *lengths]
         tokens = sum(everything)
         work = sum(length * length for length in everything)
-        cap = self.policy.max_batch_tokens or tokens or 1
+        cap = self._policy.max_batch_tokens or tokens or 1
         passes = 1 + tokens // cap
         lanes = self.lanes.workers + (1 if express else 0)
         return (passes * t0 + tokens * t1 + work * t2) / lanes
 
     def _dequeue(self, items: Sequence[WorkItem]) -> None:
-        self.queued_items -= len(items)
-        self.queued_tokens -= sum(item.length for item in items)
-        self._observer.queue_changed(self.queued_items, self.queued_tokens)
+        self._queued_items -= len(items)
+        self._queued_tokens -= sum(item.length for item in items)
+        self._observer.queue_changed(self._queued_items, self._queued_tokens)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The scheduler loop; runs until cancelled."""
@@ -372,7 +410,7 @@ class Scheduler:
             await self._changed()
 
     def _express_work(self) -> bool:
-        if self.express_policy is None or self._express_busy:
+        if self._express_policy is None or self._express_busy:
             return False
         limit = self.lanes.express_tokens
         return any(item.length <= limit and not item.abandoned for item in self._pending)
@@ -449,8 +487,8 @@ class Scheduler:
         when the last one ends. No workers (the gate is closed): never."""
         if not free:
             return math.inf
-        t0, t1, t2 = self.pace.curve() or (0.0, 0.0, 0.0)
-        cap = self.policy.max_batch_tokens or math.inf
+        t0, t1, t2 = self._pace.curve() or (0.0, 0.0, 0.0)
+        cap = self._policy.max_batch_tokens or math.inf
         end = -math.inf
         for length in lengths:
             lane = free.index(min(free))
@@ -474,17 +512,17 @@ class Scheduler:
             self._dequeue(dropped)
             self._pending = [item for item in self._pending if not item.abandoned]
         if on_express:
-            assert self.express_policy is not None
-            policy = self.express_policy
+            assert self._express_policy is not None
+            policy = self._express_policy
             limit = self.lanes.express_tokens
             candidates = [i for i, item in enumerate(self._pending) if item.length <= limit]
         else:
-            policy = self.policy
+            policy = self._policy
             candidates = list(range(len(self._pending)))
         if not candidates:
             return []
         lengths = [self._pending[i].length for i in candidates]
-        chosen = {candidates[i] for i in plan_batch(lengths, policy, self.pace.overhead_tokens)}
+        chosen = {candidates[i] for i in plan_batch(lengths, policy, self._pace.overhead_tokens)}
         batch = [self._pending[i] for i in sorted(chosen)]
         self._pending = [item for i, item in enumerate(self._pending) if i not in chosen]
         self._dequeue(batch)
@@ -501,12 +539,12 @@ class Scheduler:
         started = trio.current_time()
         width = max(item.length for item in batch)
         padded = len(batch) * width
-        predicted = self.pace.predict(len(batch), width)
+        predicted = self._pace.predict(len(batch), width)
         self._running[id(batch)] = _Running(batch, started, predicted, on_express)
         try:
             outputs: frozenset[Output] = frozenset().union(*(i.ticket.outputs for i in batch))
-            self.forwarded_items += len(batch)
-            self.express_passes += on_express
+            self._forwarded_items += len(batch)
+            self._express_passes += on_express
             self._observer.batch_started(
                 len(batch), padded, [started - item.enqueued_at for item in batch]
             )
@@ -514,7 +552,7 @@ class Scheduler:
                 thread, batch, outputs, self._between_layers(batch, on_express)
             )
         except PassAbandoned:
-            self.abandoned_passes += 1
+            self._abandoned_passes += 1
             self._observer.batch_finished(trio.current_time() - started, ok=True)
             log.info(
                 "stopped a pass of %d texts (%d tokens) between layers: nobody waits for it",
@@ -523,7 +561,7 @@ class Scheduler:
             )
         except Exception as exc:
             self._observer.batch_finished(trio.current_time() - started, ok=False)
-            self.consecutive_failures += 1
+            self._consecutive_failures += 1
             log.exception("forward pass of %d texts failed", len(batch))
             for item in batch:
                 item.ticket.fail(exc)
@@ -533,12 +571,12 @@ class Scheduler:
             if not on_express and not self._express_busy:
                 # express passes and regular ones that shared the cores run slower than
                 # a regular pass alone, which is what admission estimates
-                self.pace.observe(padded, elapsed, seq=width)
+                self._pace.observe(padded, elapsed, seq=width)
             for ticket in {id(item.ticket): item.ticket for item in batch}.values():
                 ticket.inference_s += elapsed
             for item in batch:
                 item.ticket.queue_s = max(item.ticket.queue_s, started - item.enqueued_at)
-            self.consecutive_failures = 0
+            self._consecutive_failures = 0
             for item, result in zip(batch, results, strict=True):
                 item.ticket.deliver(item.index, result)
         finally:
@@ -550,9 +588,9 @@ class Scheduler:
         """Runs on the pass's thread before each layer: stop if nobody waits, pick threads."""
         lanes = self.lanes
         width = max(item.length for item in batch)
-        predicted = self.pace.predict(len(batch), width)
+        predicted = self._pace.predict(len(batch), width)
         first = [
-            self.express_policy is not None
+            self._express_policy is not None
             and width > lanes.express_tokens
             and (predicted is None or predicted > LONG_PASS_S)
         ]
@@ -601,6 +639,20 @@ class Scheduler:
         if generation == self._passes_started:  # no other pass started meanwhile
             self._on_peak(len(batch), max(item.length for item in batch), peak)
         return results
+
+
+@attrs.frozen
+class SchedulerStatistics:
+    queued_items: int  # admitted texts not yet in a forward pass (or dropped)
+    queued_tokens: int
+    forwarded_items: int  # texts that reached the model
+    passes_stopped_early: int  # stopped between layers: nobody waited any more
+    express_passes: int
+    express_open: bool
+    consecutive_failures: int
+    passes_observed: int
+    pace_curve: tuple[float, float, float] | None  # (t0 s, t1 s/token, t2 s/token²)
+    pace_overhead_tokens: float
 
 
 @attrs.frozen(eq=False)
