@@ -23,7 +23,7 @@ import trio
 from quart_trio import QuartTrio
 
 from bge_trio import logs
-from bge_trio.api import errors, hooks, routes
+from bge_trio.api import embeddings, errors, hooks, operations, retrieval
 from bge_trio.config import Settings
 from bge_trio.hosting import Host, watch_for_shutdown
 from bge_trio.memory.plan import Planner, plan_memory
@@ -58,7 +58,8 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
     app.extensions["bge_trio"] = service
-    app.register_blueprint(routes.create_blueprint(service))
+    for blueprint in (embeddings.blueprint, retrieval.blueprint, operations.blueprint):
+        app.register_blueprint(blueprint)
     errors.register(app)
     hooks.install(app, settings.api_key)
 

@@ -26,14 +26,14 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 import trio
 
-from bge_trio import metrics
+from bge_trio import __version__, metrics
 from bge_trio.cgroups import CpuLimit, detect_cpu_limit
 from bge_trio.config import LongInput, Settings
 from bge_trio.errors import (
@@ -607,6 +607,49 @@ class EmbeddingService:
             },
             "passes_stopped_early": stats.passes_stopped_early,
         }
+
+    def describe(self) -> dict[str, Any]:
+        """The body of ``/info``: the server, the model, the memory model and the pace."""
+        lanes, settings = self.lanes, self.settings
+        body: dict[str, Any] = {
+            "version": __version__,
+            "status": self.status,
+            "workers": lanes.workers,
+            "threads_per_pass": lanes.threads,
+            "express_lane": {
+                "max_tokens": lanes.express_tokens,
+                "threads": lanes.express_threads,
+                "regular_threads_beside_it": lanes.shared_threads,
+            },
+            "processes": settings.processes,
+            "max_batch": settings.max_batch,
+            "long_input": settings.long_input,
+            "truncate": settings.long_input == "truncate",
+            "cpu": {
+                "threads": self.cpu.threads,
+                "cpus": self.cpu.cpus,
+                "affinity": self.cpu.affinity,
+                "source": self.cpu.source,
+            },
+        }
+        if self.encoder is not None:
+            info = self.info
+            body.update(
+                {
+                    "model_id": info.name,
+                    "dimension": info.dimension,
+                    "max_seq_length": info.max_seq_length,
+                    "dtype": info.dtype,
+                    "dtype_reason": info.dtype_reason,
+                    "pooling": info.pooling,
+                    "outputs": sorted(info.outputs),
+                }
+            )
+        if self.memory is not None:
+            body["memory"] = self.memory.report()
+            body["memory"]["drift"] = self.recalibrator.statistics().report()
+        body["speed"] = self.speed()
+        return body
 
     def health(self) -> dict[str, object]:
         status: str = self.status
