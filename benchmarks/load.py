@@ -34,9 +34,9 @@ import torch
 import trio
 
 from bge_trio.cgroups import cpu_count
-from bge_trio.memory.allocator import configure_allocator
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import resolve_model
+from bge_trio.process import prepare_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -267,7 +267,7 @@ def main() -> None:
     corpus = load_corpus()
     texts = [row["text"] for row in corpus]
     queries = [row["text"] for row in corpus if row["kind"] == "query"]
-    configure_allocator("predictable")  # as the server does
+    prepare_process("predictable")  # as the server does
     source = resolve_model(args.model)
     threads = cpu_count()
     encoders = {d: Encoder.load(source, dtype=d, threads=threads) for d in dtypes}

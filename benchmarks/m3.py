@@ -43,11 +43,11 @@ import torch
 
 from benchmarks.load import Server
 from bge_trio.cgroups import cpu_count
-from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
 from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import Encoder, bf16_supported
 from bge_trio.model.source import resolve_model
+from bge_trio.process import prepare_process
 from bge_trio.testing import build_full_m3
 
 MIB = 1 << 20
@@ -90,7 +90,7 @@ def standin() -> Path:
 
 def in_process(model: Path, dtype: str) -> dict[str, Any]:
     """One 4 x 256 pass at full depth, and full depth against the probe's two layers."""
-    configure_allocator("predictable")
+    prepare_process("predictable")
     encoder = Encoder.load(resolve_model(str(model)), dtype=dtype, threads=cpu_count())
     started = time.perf_counter()
     weights = encoder.make_weights_resident()

@@ -24,12 +24,12 @@ import trio
 
 from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
-from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.cost import CostModel
 from bge_trio.memory.plan import measure_budget, plan_memory, synthetic_forward
 from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import resolve_model
+from bge_trio.process import prepare_process
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.service import EmbeddingService
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=int, default=256, help="workspace for utilisation")
     args = parser.parse_args()
 
-    configure_allocator(args.allocator)
+    prepare_process(args.allocator)
     source = resolve_model(args.model)
     threads = cpu_count()
     started = time.perf_counter()

@@ -6,7 +6,6 @@ import sys
 
 from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
-from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.plan import (
     MemoryTooSmallError,
     check_fits,
@@ -16,6 +15,7 @@ from bge_trio.memory.plan import (
 from bge_trio.memory.probe import ProbeProgress
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource
+from bge_trio.process import prepare_process
 from bge_trio.scheduler.lanes import plan_lanes
 
 MIB = 1024 * 1024
@@ -23,7 +23,7 @@ MIB = 1024 * 1024
 
 def run_probe_command(settings: Settings, source: ModelSource) -> int:
     out = sys.stdout
-    configure_allocator(settings.allocator)
+    prepare_process(settings.allocator)
     lanes = plan_lanes(cpu_count(), settings.workers, settings.express_tokens)
     print(f"loading {source.path} ...", file=out, flush=True)
     encoder = Encoder.load(

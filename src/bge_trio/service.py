@@ -45,7 +45,6 @@ from bge_trio.errors import (
     TooLarge,
     invalid,
 )
-from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.cost import CONSERVATIVE
 from bge_trio.memory.plan import (
     MemoryPlan,
@@ -69,6 +68,7 @@ from bge_trio.model.encoder import (
 )
 from bge_trio.model.source import ModelSource
 from bge_trio.model.windows import Windows, merge, split
+from bge_trio.process import prepare_process
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.lanes import Lanes, plan_lanes
@@ -186,7 +186,7 @@ class EmbeddingService:
     async def start(self) -> None:
         """Load the model, plan memory, check readiness, then open the gate (always)."""
         try:
-            configure_allocator(self.settings.allocator)
+            prepare_process(self.settings.allocator)
             # torch work runs where the forward passes will (see Scheduler.on_forward_thread)
             self.encoder = await self.scheduler.on_forward_thread(self._load, self.lanes.threads)
             self._loaded_or_failed.set()

@@ -11,10 +11,9 @@ from bge_trio.api import schemas
 from bge_trio.api.encoding import encode_matrix, encode_vector, shorten, sparse_values
 from bge_trio.api.errors import json_response
 from bge_trio.api.requests import body, envelope, note_usage, service, within_deadline
-from bge_trio.model.encoder import Embedding, Output
+from bge_trio.model.encoder import DENSE, Embedding, Output
 from bge_trio.service import Embedded
 
-DENSE: frozenset[Output] = frozenset({"dense"})
 SPARSE: frozenset[Output] = frozenset({"sparse"})
 BOTH: frozenset[Output] = frozenset({"dense", "sparse"})
 COLBERT: frozenset[Output] = frozenset({"colbert"})

@@ -21,24 +21,30 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
-from typing import Literal
+
+from bge_trio.config import Allocator
 
 log = logging.getLogger(__name__)
 
-Allocator = Literal["predictable", "fast"]
 M_MMAP_THRESHOLD = -3  # from <malloc.h>
 PREDICTABLE_MMAP_THRESHOLD = 1 << 20
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library of this process (loaded once)."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else ctypes.CDLL(None)
 
 
 def configure_allocator(mode: Allocator) -> bool:
     """Apply ``mode`` to this process; False where the C library has no mallopt."""
     if mode == "fast":
         return True
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = libc().mallopt
     except (OSError, AttributeError):
         log.warning("no mallopt in this C library; memory peaks may vary between passes")
         return False

@@ -21,8 +21,6 @@ intermediates before the next layer runs, so its peak is set by one layer at a t
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +30,7 @@ from typing import TypeVar
 
 import attrs
 
+from bge_trio.memory.allocator import libc
 from bge_trio.memory.cost import CONSERVATIVE, CostModel, Fit, Point, fit_cost_model
 
 T = TypeVar("T")
@@ -54,16 +53,9 @@ def resident_bytes() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-_libc: ctypes.CDLL | None = None
-
-
 def malloc_trim() -> None:
     """Give freed heap memory back to the kernel (glibc only; a no-op elsewhere)."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        _libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-    trim = getattr(_libc, "malloc_trim", None)
+    trim = getattr(libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 

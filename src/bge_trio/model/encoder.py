@@ -147,12 +147,8 @@ class Encoder:
         fp32 (min 0.9998 on the benchmark corpus). Outputs are pooled in fp32.
         """
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        # Progress bars and load reports are noise in a server's log.
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        if threads:
+        if threads:  # this thread's own count (see set_threads)
             torch.set_num_threads(threads)
         path = source.path
         tokenizer = AutoTokenizer.from_pretrained(str(path))
