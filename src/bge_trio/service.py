@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -155,9 +154,8 @@ class EmbeddingService:
         self.error: str | None = None
         self.probe_progress: ProbeProgress | None = None
         self.failed = trio.Event()  # set when startup fails for good
-        self._loaded_or_failed = trio.Event()  # ... or shutdown began: stop waiting for it
+        self._settled = trio.Event()  # the model loaded, startup failed, or shutdown began
         self.draining = False
-        self._drain_deadline = math.inf
         self.requests_in_flight = 0  # embedding and score requests not yet answered
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -189,7 +187,7 @@ class EmbeddingService:
             prepare_process(self.settings.allocator)
             # torch work runs where the forward passes will (see Scheduler.on_forward_thread)
             self.encoder = await self.scheduler.on_forward_thread(self._load, self.lanes.threads)
-            self._loaded_or_failed.set()
+            self._settled.set()
             self.status = "probing"
             self.memory = await self.scheduler.on_forward_thread(self._plan_memory)
             self.scheduler.set_policy(
@@ -218,7 +216,7 @@ class EmbeddingService:
             log.critical("startup failed: %s", self.error, exc_info=not _expected(exc))
             self.scheduler.fail_all(exc)  # texts queued during startup get their answer now
             self.failed.set()
-            self._loaded_or_failed.set()
+            self._settled.set()
         finally:
             # Never leave the gate closed: waiting requests must get an answer.
             self.gate.open()
@@ -351,9 +349,9 @@ class EmbeddingService:
         if self.draining:
             return
         self.draining = True
-        self._drain_deadline = trio.current_time() + window_s
-        self._loaded_or_failed.set()  # requests waiting for the model get their answer now
-        refused = self.scheduler.close(ShuttingDownError("shutting down"), self._drain_deadline)
+        deadline = trio.current_time() + window_s
+        self._settled.set()  # requests waiting for the model get their answer now
+        refused = self.scheduler.close(deadline)
         log.warning(
             "shutting down: new requests are refused; of %d in flight, %d could not finish "
             "within %.1f s and were answered 503 now; the rest finish or are answered by then",
@@ -362,10 +360,10 @@ class EmbeddingService:
             window_s,
         )
         if self._nursery is not None:
-            self._nursery.start_soon(self._end_of_drain)
+            self._nursery.start_soon(self._end_of_drain, deadline)
 
-    async def _end_of_drain(self) -> None:
-        await trio.sleep_until(self._drain_deadline)
+    async def _end_of_drain(self, deadline: float) -> None:
+        await trio.sleep_until(deadline)
         self.scheduler.fail_everything(ShuttingDownError("shutting down"))
 
     # -- serving ------------------------------------------------------------------------
@@ -399,7 +397,7 @@ class EmbeddingService:
         if self.encoder is None and self.status != "error":
             start = trio.current_time() if arrived is None else arrived
             with trio.move_on_at(start + self.settings.startup_wait_s):
-                await self._loaded_or_failed.wait()
+                await self._settled.wait()
         if self.draining:
             raise _shutting_down()
         if self.status == "error":

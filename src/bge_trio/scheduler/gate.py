@@ -57,8 +57,6 @@ class Gate:
         finally:
             self._bounded.discard(scope)
 
-    async def wait_open(self, timeout_s: float = math.inf) -> bool:
-        """Wait until the gate opens; False if it is still closed after ``timeout_s``."""
-        with trio.move_on_after(timeout_s):
-            await self._opened.wait()
-        return self._opened.is_set()
+    async def wait_open(self) -> None:
+        """Wait until the gate opens."""
+        await self._opened.wait()

@@ -157,7 +157,7 @@ class Scheduler:
         self._in_flight = 0
         self._passes_started = 0
         self._running: dict[int, _Running] = {}  # passes in flight, by id of their batch
-        self._closing: tuple[ShuttingDownError, float] | None = None  # (answer, deadline)
+        self._drain_deadline: float | None = None  # set once the process is stopping
 
     @property
     def policy(self) -> BatchPolicy:
@@ -259,11 +259,10 @@ class Scheduler:
         failed forward pass raises BatchFailedError. Once the process is stopping, a
         request that cannot finish by the drain's deadline raises ShuttingDownError.
         """
-        if self._closing is not None:
-            error, deadline = self._closing
-            _, free = self._schedule()
-            if self._finish(free, [len(ids) for ids in token_lists]) > deadline:
-                raise ShuttingDownError(*error.args)
+        if self._drain_deadline is not None:
+            _, free, curve = self._schedule()
+            if self._finish(free, [len(ids) for ids in token_lists], curve) > self._drain_deadline:
+                raise ShuttingDownError("shutting down")
         self._admit(token_lists)
         ticket = Ticket(outputs, len(token_lists))
         now = trio.current_time()
@@ -280,7 +279,7 @@ class Scheduler:
             self._wake.set()
             raise
         if isinstance(ticket.error, ShuttingDownError):
-            raise ShuttingDownError(*ticket.error.args)
+            raise ShuttingDownError("shutting down")
         if ticket.error is not None:
             raise BatchFailedError("forward pass failed") from ticket.error
         if timing is not None:
@@ -430,25 +429,25 @@ class Scheduler:
         self._dequeue(self._pending)
         self._pending = []
 
-    def close(self, error: ShuttingDownError, deadline: float) -> int:
+    def close(self, deadline: float) -> int:
         """From now on, keep only the work that can finish by ``deadline``.
 
-        Returns how many requests were answered ``error`` now. A request is kept only if
+        Returns how many requests were answered ShuttingDownError now. A request is kept only if
         its texts' passes, queued in order on the regular workers at the learnt pace,
         end before the deadline; requests still on their way (being tokenised) are
         judged the same way when they submit. Before the pace is known (startup) nothing
         queued can be promised. A pass whose requests are all answered stops at its
         next layer.
         """
-        self._closing = (error, deadline)
-        finishes, _ = self._schedule()
+        self._drain_deadline = deadline
+        finishes, _, _ = self._schedule()
         doomed = {
             id(ticket): ticket
             for ticket, finish in finishes
             if not ticket.finished and finish > deadline
         }
         for ticket in doomed.values():
-            ticket.fail(error)
+            ticket.fail(ShuttingDownError("shutting down"))
         self._wake.set()
         return len(doomed)
 
@@ -460,17 +459,20 @@ class Scheduler:
         self.fail_all(error)
         self._wake.set()
 
-    def _schedule(self) -> tuple[list[tuple[Ticket, float]], list[float]]:
-        """When each waiting text's pass should end, oldest first, and when each regular
-        worker is free after all of them.
+    def _schedule(
+        self,
+    ) -> tuple[list[tuple[Ticket, float]], list[float], tuple[float, float, float]]:
+        """When each waiting text's pass should end, oldest first; when each regular
+        worker is free after all of them; and the pace curve used.
 
         Texts waiting at the closed gate (startup) have no end in sight (inf). Where
         the pace is not yet known, a pass is assumed to end now: kept, and answered
         at the drain's deadline if it has not finished by then.
         """
         now = trio.current_time()
+        curve = self._pace.curve() or (0.0, 0.0, 0.0)
         if not self._gate.is_open:
-            return [(item.ticket, math.inf) for item in self._pending], []
+            return [(item.ticket, math.inf) for item in self._pending], [], curve
         finishes: list[tuple[Ticket, float]] = []
         free = [now] * self._gate.workers
         for running in self._running.values():
@@ -479,15 +481,17 @@ class Scheduler:
                 free[free.index(min(free))] = max(end, now)
             finishes.extend((item.ticket, end) for item in running.batch)
         for item in self._pending:
-            finishes.append((item.ticket, self._finish(free, [item.length])))
-        return finishes, free
+            finishes.append((item.ticket, self._finish(free, [item.length], curve)))
+        return finishes, free, curve
 
-    def _finish(self, free: list[float], lengths: Sequence[int]) -> float:
-        """Queue texts of ``lengths`` on the earliest free workers (updating ``free``);
-        when the last one ends. No workers (the gate is closed): never."""
+    def _finish(
+        self, free: list[float], lengths: Sequence[int], curve: tuple[float, float, float]
+    ) -> float:
+        """Queue texts of ``lengths`` on the earliest free workers (updating ``free``) at
+        the pace ``curve``; when the last one ends. No workers (gate closed): never."""
         if not free:
             return math.inf
-        t0, t1, t2 = self._pace.curve() or (0.0, 0.0, 0.0)
+        t0, t1, t2 = curve
         cap = self._policy.max_batch_tokens or math.inf
         end = -math.inf
         for length in lengths:
@@ -549,7 +553,7 @@ class Scheduler:
                 len(batch), padded, [started - item.enqueued_at for item in batch]
             )
             results = await self._forward(
-                thread, batch, outputs, self._between_layers(batch, on_express)
+                thread, batch, outputs, self._between_layers(batch, on_express, predicted)
             )
         except PassAbandoned:
             self._abandoned_passes += 1
@@ -584,11 +588,12 @@ class Scheduler:
             idle.append(thread)
             self._release(on_express, borrower)
 
-    def _between_layers(self, batch: list[WorkItem], on_express: bool) -> BetweenLayers:
+    def _between_layers(
+        self, batch: list[WorkItem], on_express: bool, predicted: float | None
+    ) -> BetweenLayers:
         """Runs on the pass's thread before each layer: stop if nobody waits, pick threads."""
         lanes = self.lanes
         width = max(item.length for item in batch)
-        predicted = self._pace.predict(len(batch), width)
         first = [
             self._express_policy is not None
             and width > lanes.express_tokens
