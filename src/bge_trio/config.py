@@ -56,6 +56,7 @@ class Settings:
     batch_wait_ms: float = 2.0
     max_batch_tokens: int | None = 1024
     max_score_pairs: int = 10_000
+    score_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # dense, sparse, colbert
     max_queue_items: int = 4096
     max_queue_tokens: int = 1 << 20
     request_timeout_s: float = 60.0
@@ -113,6 +114,7 @@ class Settings:
             batch_wait_ms=r.get("BATCH_WAIT_MS", _float(0.0, 1000.0), 2.0),
             max_batch_tokens=r.get("MAX_BATCH_TOKENS", _int(8, 1 << 31), 1024),
             max_score_pairs=r.get("MAX_SCORE_PAIRS", _int(1, 10_000_000), 10_000),
+            score_weights=r.get("SCORE_WEIGHTS", _weights, (1.0, 1.0, 1.0)),
             max_queue_items=r.get("MAX_QUEUE_ITEMS", _int(1, 10_000_000), 4096),
             max_queue_tokens=r.get("MAX_QUEUE_TOKENS", _int(1, 1 << 40), 1 << 20),
             request_timeout_s=r.get("REQUEST_TIMEOUT_S", _float(0.001, 86400.0), 60.0),
@@ -203,6 +205,17 @@ def _choice(*choices: str, upper: bool = False) -> Callable[[str], Any]:
         return value
 
     return parse
+
+
+def _weights(raw: str) -> tuple[float, float, float]:
+    """``dense,sparse,colbert``: three non-negative numbers, not all zero."""
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(0 <= v < float("inf") for v in values) or sum(values) <= 0:
+        raise ValueError("expected three non-negative numbers dense,sparse,colbert, not all zero")
+    return values
 
 
 def _nonempty(raw: str) -> str:

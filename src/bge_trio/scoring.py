@@ -69,13 +69,27 @@ def combine(scores: dict[str, F32], weights: Weights) -> dict[str, F32]:
         ("colbert+sparse+dense", MODES),
         ("hybrid", used),
     ):
-        total = sum(weights.of(mode) for mode in modes)
-        if total > 0 and all(mode in scores for mode in modes):
+        shares = _shares([weights.of(mode) for mode in modes])
+        if shares is not None and all(mode in scores for mode in modes):
             combined = np.zeros_like(scores[modes[0]])
-            for mode in modes:
-                combined += scores[mode] * np.float32(weights.of(mode))
-            out[name] = combined / np.float32(total)
+            for mode, share in zip(modes, shares, strict=True):
+                combined += scores[mode] * np.float32(share)
+            out[name] = combined
     return out
+
+
+def _shares(weights: list[float]) -> list[float] | None:
+    """Each weight's share of their sum, or None when they sum to zero.
+
+    Computed in float64 after scaling by the largest, so neither tiny weights (5e-324,
+    zero in float32) nor huge ones (whose sum overflows) lose the ratio between them.
+    """
+    largest = max(weights)
+    if not largest > 0:
+        return None
+    scaled = [w / largest for w in weights]
+    total = sum(scaled)
+    return [w / total for w in scaled]
 
 
 def _sparse_scores(queries: Sequence[Embedding], documents: Sequence[Embedding]) -> F32:

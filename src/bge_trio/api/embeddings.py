@@ -1,4 +1,4 @@
-"""The embedding routes: dense (OpenAI's), sparse, dense and sparse together, ColBERT."""
+"""The embedding routes: OpenAI's (dense, or any outputs together), sparse, ColBERT."""
 
 from __future__ import annotations
 
@@ -59,9 +59,11 @@ async def colbert_embeddings() -> Response:
     return json_response(envelope(data, embedded.prompt_tokens))
 
 
-async def _dense_embeddings(payload: dict[str, Any], outputs: frozenset[Output]) -> Response:
-    """/v1/embeddings, and /v1/embeddings:both when ``outputs`` includes sparse."""
+async def _dense_embeddings(payload: dict[str, Any], default: frozenset[Output]) -> Response:
+    """/v1/embeddings and /v1/embeddings:both: the ``outputs`` asked for (``default``
+    when none are), all from one forward pass per text."""
     fmt = schemas.parse_encoding_format(payload)
+    outputs = schemas.parse_outputs(payload, default)
     return_tokens = schemas.parse_flag(payload, "return_tokens")
     arrived = trio.current_time()  # one startup wait in all, counted from here
     # the model's dimension checks 'dimensions' before any work is queued
@@ -70,13 +72,13 @@ async def _dense_embeddings(payload: dict[str, Any], outputs: frozenset[Output])
     embedded = await _embed(payload, outputs, arrived)
     data = []
     for i, e in enumerate(embedded.embeddings):
-        item: dict[str, Any] = {
-            "object": "embedding",
-            "index": i,
-            "embedding": encode_vector(shorten(_present(e.dense), dims), fmt),
-        }
+        item: dict[str, Any] = {"object": "embedding", "index": i}
+        if "dense" in outputs:
+            item["embedding"] = encode_vector(shorten(_present(e.dense), dims), fmt)
         if "sparse" in outputs:
             item["sparse_values"] = _sparse(e, return_tokens)
+        if "colbert" in outputs:
+            item["colbert_embeddings"] = encode_matrix(_present(e.colbert), fmt)
         data.append(item)
     return json_response(envelope(data, embedded.prompt_tokens))
 

@@ -75,7 +75,15 @@ def _embed_fields(limits: Limits) -> dict[str, Any]:
     }
 
 
-_FORMAT = _optional({"type": "string", "enum": ["float", "base64"], "default": "float"})
+_FORMAT = _optional(
+    {
+        "type": "string",
+        "enum": ["float", "base64", "float16", "int8", "binary"],
+        "default": "float",
+        "description": "float: JSON numbers; the others: base64 of little-endian float32 "
+        "(base64), float16, int8 after a float32 scale, or packed sign bits (binary)",
+    }
+)
 _SPARSE_VALUES = {
     "type": "object",
     "required": ["indices", "values"],
@@ -88,6 +96,40 @@ _SPARSE_VALUES = {
 _USAGE = {
     "type": "object",
     "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
+}
+
+
+def _outputs(limits: Limits) -> dict[str, Any]:
+    name = {"type": "string", "enum": sorted(limits.outputs or ("dense", "sparse", "colbert"))}
+    return _optional(
+        {
+            "anyOf": [name, {"type": "array", "items": name, "minItems": 1}],
+            "description": "the outputs to return, all from one forward pass",
+        }
+    )
+
+
+_RERANKED = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "rerank"},
+        "model": {"type": "string"},
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "relevance_score"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "relevance_score": {"type": "number"},
+                    "document": {"type": "object", "properties": {"text": {"type": "string"}}},
+                },
+            },
+        },
+        "usage": _USAGE,
+    },
 }
 
 
@@ -202,34 +244,26 @@ def _health() -> dict[str, Any]:
 
 
 def document(limits: Limits) -> dict[str, Any]:
-    dense_item: dict[str, Any] = {
+    vector = {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}
+    embedding_item: dict[str, Any] = {
         "type": "object",
         "properties": {
             "object": {"const": "embedding"},
             "index": {"type": "integer"},
-            "embedding": {
-                "oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]
-            },
+            "embedding": vector,
+            "sparse_values": _SPARSE_VALUES,
+            "colbert_embeddings": {"type": "array", "items": vector},
         },
+    }
+    embedding_fields = {
+        **_embed_fields(limits),
+        "encoding_format": _FORMAT,
+        "dimensions": _dimensions(limits),
+        "outputs": _outputs(limits),
+        "return_tokens": {"type": "boolean"},
     }
     text = {"type": "string", "maxLength": limits.max_chars}
     texts = {"type": "array", "items": text, "minItems": 1, "maxItems": limits.max_items}
-    both = _post(
-        "Dense and sparse embeddings from one forward pass",
-        {
-            **_embed_fields(limits),
-            "encoding_format": _FORMAT,
-            "dimensions": _dimensions(limits),
-            "return_tokens": {"type": "boolean"},
-        },
-        ["input"],
-        _list_of(
-            {
-                **dense_item,
-                "properties": {**dense_item["properties"], "sparse_values": _SPARSE_VALUES},
-            }
-        ),
-    )
     return {
         "openapi": "3.1.0",
         "info": {
@@ -239,14 +273,11 @@ def document(limits: Limits) -> dict[str, Any]:
         },
         "paths": {
             "/v1/embeddings": _post(
-                "OpenAI-compatible dense embeddings",
-                {
-                    **_embed_fields(limits),
-                    "encoding_format": _FORMAT,
-                    "dimensions": _dimensions(limits),
-                },
+                "OpenAI-compatible embeddings: dense by default, or any of the model's "
+                "outputs together",
+                embedding_fields,
                 ["input"],
-                _list_of(dense_item),
+                _list_of(embedding_item),
             ),
             "/v1/sparse-embeddings": _post(
                 "Sparse (lexical) weights",
@@ -263,7 +294,12 @@ def document(limits: Limits) -> dict[str, Any]:
                     }
                 ),
             ),
-            "/v1/embeddings:both": both,
+            "/v1/embeddings:both": _post(
+                "/v1/embeddings with dense and sparse outputs by default",
+                embedding_fields,
+                ["input"],
+                _list_of(embedding_item),
+            ),
             "/v1/colbert-embeddings": _post(
                 "ColBERT multi-vector embeddings",
                 {**_embed_fields(limits), "encoding_format": _FORMAT},
@@ -285,7 +321,7 @@ def document(limits: Limits) -> dict[str, Any]:
                 {
                     "queries": {"anyOf": [text, texts]},
                     "documents": texts,
-                    "weights": _weights(limits),
+                    "weights": _optional(_weights(limits)),
                     "top_n": _optional({"type": "integer", "minimum": 1}),
                     "return_documents": {"type": "boolean"},
                     "model": _optional({"type": "string"}),
@@ -293,6 +329,35 @@ def document(limits: Limits) -> dict[str, Any]:
                 },
                 ["queries", "documents"],
                 {"type": "object"},
+            ),
+            "/v1/rerank": _post(
+                "Documents ranked for a query by the hybrid score, in the shape of the "
+                f"Cohere, Jina and TEI rerank APIs (at most {limits.max_pairs} documents)",
+                {
+                    "query": text,
+                    "documents": {
+                        "type": "array",
+                        "items": {
+                            "anyOf": [
+                                text,
+                                {
+                                    "type": "object",
+                                    "required": ["text"],
+                                    "properties": {"text": text},
+                                },
+                            ]
+                        },
+                        "minItems": 1,
+                        "maxItems": min(limits.max_items, limits.max_pairs),
+                    },
+                    "weights": _optional(_weights(limits)),
+                    "top_n": _optional({"type": "integer", "minimum": 1}),
+                    "return_documents": {"type": "boolean"},
+                    "model": _optional({"type": "string"}),
+                    "user": _optional({"type": "string"}),
+                },
+                ["query", "documents"],
+                _RERANKED,
             ),
             "/tokenize": _post(
                 "Token ids with their text pieces and offsets",

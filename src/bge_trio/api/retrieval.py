@@ -1,17 +1,22 @@
-"""The retrieval routes: hybrid scores, and the tokenizer both ways."""
+"""The retrieval routes: hybrid scores in our shape and in the rerank APIs' shape, and the
+tokenizer both ways."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 from quart import Blueprint, Response
 
 from bge_trio.api import schemas
 from bge_trio.api.errors import json_response
 from bge_trio.api.requests import body, envelope, note_usage, service, within_deadline
 from bge_trio.errors import invalid
+from bge_trio.scoring import Weights
+from bge_trio.service import Scored
 
 SCORE_NAMES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 
@@ -28,17 +33,14 @@ async def score() -> Response:
         max_items=settings.max_batch,
         max_pairs=settings.max_score_pairs,
         max_chars=settings.max_input_chars,
+        weights=Weights(*settings.score_weights),
     )
-    scored = await within_deadline(service().score, req.queries, req.documents, req.weights)
-    note_usage(len(req.queries) + len(req.documents), scored.prompt_tokens)
+    scored = await _scored(req)
     names = [name for name in SCORE_NAMES if name in scored.scores]
     data = []
     for qi, query in enumerate(req.queries):
-        order = np.argsort(-scored.scores["hybrid"][qi], kind="stable")
-        if req.top_n is not None:
-            order = order[: req.top_n]
         results = []
-        for di in order.tolist():
+        for di in _ranked(scored.scores["hybrid"][qi], req.top_n):
             result: dict[str, Any] = {"index": di}
             if req.return_documents:
                 result["document"] = req.documents[di]
@@ -54,6 +56,52 @@ async def score() -> Response:
             weights=attrs.asdict(req.weights),
         )
     )
+
+
+@blueprint.post("/v1/rerank")
+async def rerank() -> Response:
+    """The rerank APIs' shape (Cohere, Jina, TEI, vLLM, infinity): ``relevance_score`` is
+    the hybrid score of /v1/score, with the same weights."""
+    payload = await body()
+    schemas.check_model(payload)
+    settings = service().settings
+    req = schemas.parse_rerank_request(
+        payload,
+        max_items=settings.max_batch,
+        max_pairs=settings.max_score_pairs,
+        max_chars=settings.max_input_chars,
+        weights=Weights(*settings.score_weights),
+    )
+    scored = await _scored(req)
+    hybrid = scored.scores["hybrid"][0]
+    results = []
+    for di in _ranked(hybrid, req.top_n):
+        result: dict[str, Any] = {"index": di, "relevance_score": float(hybrid[di])}
+        if req.return_documents:
+            result["document"] = {"text": req.documents[di]}
+        results.append(result)
+    usage = {"prompt_tokens": scored.prompt_tokens, "total_tokens": scored.prompt_tokens}
+    return json_response(
+        {
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "object": "rerank",
+            "model": service().info.name,
+            "results": results,
+            "usage": usage,
+        }
+    )
+
+
+async def _scored(req: schemas.ScoreRequest) -> Scored:
+    scored = await within_deadline(service().score, req.queries, req.documents, req.weights)
+    note_usage(len(req.queries) + len(req.documents), scored.prompt_tokens)
+    return scored
+
+
+def _ranked(scores: npt.NDArray[np.float32], top_n: int | None) -> list[int]:
+    """Document indices, best first (ties in input order), the first ``top_n`` of them."""
+    order = np.argsort(-scores, kind="stable")
+    return [int(i) for i in order[:top_n]]
 
 
 @blueprint.post("/tokenize")

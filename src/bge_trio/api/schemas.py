@@ -7,6 +7,7 @@ OpenAI does.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import attrs
@@ -14,9 +15,12 @@ import orjson
 
 from bge_trio.config import LONG_INPUTS, LongInput
 from bge_trio.errors import UnsupportedMediaType, invalid
-from bge_trio.scoring import Weights
+from bge_trio.model.encoder import Output
+from bge_trio.scoring import MODES, Weights
 
-EncodingFormat = Literal["float", "base64"]
+EncodingFormat = Literal["float", "base64", "float16", "int8", "binary"]
+EQUAL_WEIGHTS = Weights()
+ENCODING_FORMATS: tuple[EncodingFormat, ...] = ("float", "base64", "float16", "int8", "binary")
 
 
 @attrs.frozen
@@ -129,13 +133,33 @@ def parse_encoding_format(body: dict[str, Any]) -> EncodingFormat:
     value = body.get("encoding_format", "float")
     if value is None:
         return "float"
-    if value not in ("float", "base64"):
+    if value not in ENCODING_FORMATS:
         raise invalid(
-            f"'encoding_format' must be 'float' or 'base64', not {value!r}",
+            f"'encoding_format' must be one of {', '.join(ENCODING_FORMATS)}, not {value!r}",
             param="encoding_format",
             code="invalid_encoding_format",
         )
     return value  # type: ignore[no-any-return]
+
+
+def parse_outputs(body: dict[str, Any], default: frozenset[Output]) -> frozenset[Output]:
+    """``outputs``: which of the model's outputs to return, all from one forward pass."""
+    value = body.get("outputs")
+    if value is None:
+        return default
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v in MODES for v in value)
+    ):
+        raise invalid(
+            f"'outputs' must be a non-empty list of {', '.join(MODES)}, not {value!r}",
+            param="outputs",
+            code="invalid_outputs",
+        )
+    return frozenset(value)
 
 
 def parse_dimensions(body: dict[str, Any], model_dimension: int) -> int | None:
@@ -203,17 +227,62 @@ def _strings(value: object, name: str, max_items: int) -> list[str]:
 
 
 def parse_score_request(
-    body: dict[str, Any], *, max_items: int, max_pairs: int, max_chars: int | None = None
+    body: dict[str, Any],
+    *,
+    max_items: int,
+    max_pairs: int,
+    max_chars: int | None = None,
+    weights: Weights = EQUAL_WEIGHTS,
 ) -> ScoreRequest:
+    """/v1/score: queries x documents; ``weights`` is the server's default."""
     queries = _strings(body.get("queries"), "queries", max_items)
-    documents = _strings(body.get("documents"), "documents", max_items)
-    if max_chars is not None:
-        _check_chars(queries, max_chars, "queries")
-        _check_chars(documents, max_chars, "documents")
     if isinstance(body.get("documents"), str):
         raise invalid(
             "'documents' must be a list of strings", param="documents", code="invalid_input"
         )
+    documents = _strings(body.get("documents"), "documents", max_items)
+    return _scoring(body, queries, documents, max_pairs, max_chars, weights)
+
+
+def parse_rerank_request(
+    body: dict[str, Any],
+    *,
+    max_items: int,
+    max_pairs: int,
+    max_chars: int | None = None,
+    weights: Weights = EQUAL_WEIGHTS,
+) -> ScoreRequest:
+    """/v1/rerank (Cohere's, Jina's, TEI's and vLLM's shape): one query, its documents.
+
+    Documents are strings or ``{"text": ...}`` objects, as those APIs accept.
+    """
+    query = body.get("query")
+    if not isinstance(query, str):
+        raise invalid("'query' must be a string", param="query", code="invalid_input")
+    raw = body.get("documents")
+    if isinstance(raw, list):
+        raw = [d.get("text") if isinstance(d, dict) else d for d in raw]
+    if not isinstance(raw, list) or not all(isinstance(d, str) for d in raw):
+        raise invalid(
+            "'documents' must be a list of strings or of objects with a 'text' string",
+            param="documents",
+            code="invalid_input",
+        )
+    documents = _strings(raw, "documents", max_items)
+    return _scoring(body, [query], documents, max_pairs, max_chars, weights)
+
+
+def _scoring(
+    body: dict[str, Any],
+    queries: list[str],
+    documents: list[str],
+    max_pairs: int,
+    max_chars: int | None,
+    weights: Weights,
+) -> ScoreRequest:
+    if max_chars is not None:
+        _check_chars(queries, max_chars, "queries" if len(queries) > 1 else "query")
+        _check_chars(documents, max_chars, "documents")
     pairs = len(queries) * len(documents)
     if pairs > max_pairs:
         raise invalid(
@@ -222,12 +291,28 @@ def parse_score_request(
             param="documents",
             code="too_many_pairs",
         )
-    raw_weights = body.get("weights", [1.0, 1.0, 1.0])
+    top_n = body.get("top_n")
+    if top_n is not None and (not _is_int(top_n) or top_n < 1):
+        raise invalid("'top_n' must be a positive integer", param="top_n", code="invalid_top_n")
+    return ScoreRequest(
+        queries,
+        documents,
+        parse_weights(body, weights),
+        None if top_n is None else int(top_n),
+        parse_flag(body, "return_documents"),
+    )
+
+
+def parse_weights(body: dict[str, Any], default: Weights) -> Weights:
+    """``weights``: [dense, sparse, colbert], non-negative, not all zero."""
+    raw = body.get("weights")
+    if raw is None:
+        return default
     if (
-        not isinstance(raw_weights, list)
-        or len(raw_weights) != 3
-        or not all(_is_number(w) and w >= 0 for w in raw_weights)
-        or sum(raw_weights) <= 0
+        not isinstance(raw, list)
+        or len(raw) != 3
+        or not all(_is_number(w) and 0 <= w < math.inf for w in raw)
+        or sum(raw) <= 0
     ):
         raise invalid(
             "'weights' must be three non-negative numbers for [dense, sparse, colbert], not "
@@ -235,16 +320,7 @@ def parse_score_request(
             param="weights",
             code="invalid_weights",
         )
-    top_n = body.get("top_n")
-    if top_n is not None and (not _is_int(top_n) or top_n < 1):
-        raise invalid("'top_n' must be a positive integer", param="top_n", code="invalid_top_n")
-    return ScoreRequest(
-        queries,
-        documents,
-        Weights(*(float(w) for w in raw_weights)),
-        None if top_n is None else int(top_n),
-        parse_flag(body, "return_documents"),
-    )
+    return Weights(*(float(w) for w in raw))
 
 
 def _is_number(value: object) -> bool:
