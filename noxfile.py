@@ -71,7 +71,9 @@ def bench(session: nox.Session) -> None:
     about ten minutes on two cores and builds a 2.27 GB stand-in model once; ``fairness``
     (short queries beside 8,000-token documents on that model) about fifteen; ``shutdown``
     (SIGTERM under load, to hypercorn's parent and to its process group) about one;
-    ``batching`` (batch caps and allocators, in-process) about five. Options after
+    ``batching`` (batch caps and allocators, in-process) about five; ``compact`` (what
+    float16, int8 and binary vectors cost in retrieval quality, and an 8,000-token
+    document's response size on the full-size stand-in) about five. Options after
     the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """
     _install(session, "test,bench")

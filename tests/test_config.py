@@ -26,6 +26,8 @@ def test_defaults_are_auto_and_truncate() -> None:
         ({"BGE_TRIO_TRUNCATE": "false", "BGE_TRIO_LONG_INPUT": "chunk"}, "long_input", "chunk"),
         ({"BGE_TRIO_EXPRESS_TOKENS": "0"}, "express_tokens", 0),
         ({"BGE_TRIO_DTYPE": "BF16"}, "dtype", "bf16"),
+        ({}, "score_weights", (1.0, 1.0, 1.0)),
+        ({"BGE_TRIO_SCORE_WEIGHTS": "0.4, 0.2,0.4"}, "score_weights", (0.4, 0.2, 0.4)),
     ],
 )
 def test_settings_read_their_variables(env: dict[str, str], field: str, value: object) -> None:
@@ -37,6 +39,14 @@ def test_an_overlap_that_leaves_a_window_no_new_tokens_is_refused() -> None:
         Settings.from_env({"BGE_TRIO_CHUNK_WINDOW": "100"})
     ok = Settings.from_env({"BGE_TRIO_CHUNK_WINDOW": "100", "BGE_TRIO_CHUNK_OVERLAP": "40"})
     assert (ok.chunk_window, ok.chunk_overlap) == (100, 40)
+
+
+@pytest.mark.parametrize(
+    "raw", ["1,1", "1,1,1,1", "0,0,0", "1,-1,1", "a,b,c", "inf,1,1", "nan,1,1"]
+)
+def test_score_weights_must_be_three_non_negative_numbers_not_all_zero(raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"BGE_TRIO_SCORE_WEIGHTS='{raw}': expected three"):
+        Settings.from_env({"BGE_TRIO_SCORE_WEIGHTS": raw})
 
 
 @pytest.mark.parametrize(

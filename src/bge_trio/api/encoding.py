@@ -40,31 +40,32 @@ def shorten(vector: npt.NDArray[np.float32], dimensions: int | None) -> npt.NDAr
 def encode_vector(vector: npt.NDArray[np.float32], fmt: EncodingFormat) -> Any:
     if fmt == "float":
         return vector  # orjson writes numpy float32 arrays directly
-    return base64.b64encode(_layout(vector, fmt)).decode()
+    return encode_matrix(vector[np.newaxis, :], fmt)[0]
 
 
 def encode_matrix(matrix: npt.NDArray[np.float32], fmt: EncodingFormat) -> Any:
     """A multi-vector (one row per token): a list of vectors, each encoded alone."""
     if fmt == "float":
         return matrix
-    return [encode_vector(row, fmt) for row in matrix]
+    return [base64.b64encode(row).decode() for row in _layout(matrix, fmt)]
 
 
-def _layout(vector: npt.NDArray[np.float32], fmt: EncodingFormat) -> bytes:
-    if fmt == "base64":
-        return np.ascontiguousarray(vector, dtype="<f4").tobytes()
-    if fmt == "float16":
-        return np.ascontiguousarray(vector, dtype="<f2").tobytes()
+def _layout(matrix: npt.NDArray[np.float32], fmt: EncodingFormat) -> npt.NDArray[np.uint8]:
+    """Every row's bytes in ``fmt``'s layout, computed for all rows at once."""
+    rows = matrix.shape[0]
+    if fmt in ("base64", "float16"):
+        dtype = "<f4" if fmt == "base64" else "<f2"
+        return np.ascontiguousarray(matrix, dtype=dtype).view(np.uint8).reshape(rows, -1)
     if fmt == "int8":
-        peak = float(np.max(np.abs(vector))) if vector.size else 0.0
-        scale = peak / 127 if peak > 0 else 1.0
-        quantised: npt.NDArray[np.int8] = np.clip(np.rint(vector / scale), -127, 127).astype(
-            np.int8
-        )
-        header: bytes = np.array([scale], dtype="<f4").tobytes()
-        return header + quantised.tobytes()
-    signs: npt.NDArray[np.uint8] = np.packbits(vector > 0)  # binary
-    return signs.tobytes()
+        peaks = np.abs(matrix).max(axis=1) if matrix.size else np.zeros(rows, np.float32)
+        scales = np.where(peaks > 0, peaks / 127, 1).astype("<f4")
+        quantised = np.clip(np.rint(matrix / scales[:, np.newaxis]), -127, 127).astype(np.int8)
+        out = np.empty((rows, 4 + matrix.shape[1]), dtype=np.uint8)
+        out[:, :4] = scales.view(np.uint8).reshape(rows, 4)
+        out[:, 4:] = quantised.view(np.uint8)
+        return out
+    packed: npt.NDArray[np.uint8] = np.packbits(matrix > 0, axis=1)  # binary
+    return packed
 
 
 def sparse_values(
