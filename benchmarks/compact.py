@@ -143,7 +143,9 @@ def document_size(tokens: int) -> dict[str, Any]:
     (embedding,) = encoder.forward([ids], ALL)
     forward_s = time.perf_counter() - start
     dense, colbert, sparse = embedding.dense, embedding.colbert, embedding.sparse
-    assert dense is not None and colbert is not None and sparse is not None
+    assert dense is not None
+    assert colbert is not None
+    assert sparse is not None
     result: dict[str, Any] = {
         "model": "BGE-M3 full-size stand-in (random weights)",
         "tokens": len(ids),

@@ -36,7 +36,7 @@ import trio
 from benchmarks.load import Server
 from benchmarks.m3 import MODELS
 from bge_trio.cgroups import cpu_count
-from bge_trio.model.encoder import bf16_supported
+from bge_trio.model.loading import bf16_supported
 from bge_trio.testing import build_full_m3
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

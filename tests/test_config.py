@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bge_trio.config import ConfigError, Settings
-from bge_trio.model.encoder import choose_dtype
+from bge_trio.model.loading import choose_dtype
 
 
 def test_defaults_are_auto_and_truncate() -> None:

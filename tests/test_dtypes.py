@@ -11,7 +11,8 @@ import torch
 from bge_trio.config import Settings
 from bge_trio.memory.cache import make_key
 from bge_trio.memory.plan import cache_key_for
-from bge_trio.model.encoder import Encoder, bf16_supported
+from bge_trio.model.encoder import Encoder
+from bge_trio.model.loading import bf16_supported
 from bge_trio.model.source import ModelSource, resolve_model
 
 TEXTS = ["A cat sleeps on the sofa.", "The stock market fell sharply.", "Bonjour le monde"]

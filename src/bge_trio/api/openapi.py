@@ -244,26 +244,6 @@ def _health() -> dict[str, Any]:
 
 
 def document(limits: Limits) -> dict[str, Any]:
-    vector = {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}
-    embedding_item: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            "object": {"const": "embedding"},
-            "index": {"type": "integer"},
-            "embedding": vector,
-            "sparse_values": _SPARSE_VALUES,
-            "colbert_embeddings": {"type": "array", "items": vector},
-        },
-    }
-    embedding_fields = {
-        **_embed_fields(limits),
-        "encoding_format": _FORMAT,
-        "dimensions": _dimensions(limits),
-        "outputs": _outputs(limits),
-        "return_tokens": {"type": "boolean"},
-    }
-    text = {"type": "string", "maxLength": limits.max_chars}
-    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": limits.max_items}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -272,114 +252,9 @@ def document(limits: Limits) -> dict[str, Any]:
             "description": "BGE-M3 embeddings: dense, sparse, ColBERT, hybrid scores.",
         },
         "paths": {
-            "/v1/embeddings": _post(
-                "OpenAI-compatible embeddings: dense by default, or any of the model's "
-                "outputs together",
-                embedding_fields,
-                ["input"],
-                _list_of(embedding_item),
-            ),
-            "/v1/sparse-embeddings": _post(
-                "Sparse (lexical) weights",
-                {**_embed_fields(limits), "return_tokens": {"type": "boolean"}},
-                ["input"],
-                _list_of(
-                    {
-                        "type": "object",
-                        "properties": {
-                            "object": {"const": "sparse_embedding"},
-                            "index": {"type": "integer"},
-                            "sparse_values": _SPARSE_VALUES,
-                        },
-                    }
-                ),
-            ),
-            "/v1/embeddings:both": _post(
-                "/v1/embeddings with dense and sparse outputs by default",
-                embedding_fields,
-                ["input"],
-                _list_of(embedding_item),
-            ),
-            "/v1/colbert-embeddings": _post(
-                "ColBERT multi-vector embeddings",
-                {**_embed_fields(limits), "encoding_format": _FORMAT},
-                ["input"],
-                _list_of(
-                    {
-                        "type": "object",
-                        "properties": {
-                            "object": {"const": "colbert_embedding"},
-                            "index": {"type": "integer"},
-                            "embeddings": {"type": "array"},
-                        },
-                    }
-                ),
-            ),
-            "/v1/score": _post(
-                "Hybrid relevance scores of documents for queries "
-                f"(queries x documents at most {limits.max_pairs} pairs)",
-                {
-                    "queries": {"anyOf": [text, texts]},
-                    "documents": texts,
-                    "weights": _optional(_weights(limits)),
-                    "top_n": _optional({"type": "integer", "minimum": 1}),
-                    "return_documents": {"type": "boolean"},
-                    "model": _optional({"type": "string"}),
-                    "user": _optional({"type": "string"}),
-                },
-                ["queries", "documents"],
-                {"type": "object"},
-            ),
-            "/v1/rerank": _post(
-                "Documents ranked for a query by the hybrid score, in the shape of the "
-                f"Cohere, Jina and TEI rerank APIs (at most {limits.max_pairs} documents)",
-                {
-                    "query": text,
-                    "documents": {
-                        "type": "array",
-                        "items": {
-                            "anyOf": [
-                                text,
-                                {
-                                    "type": "object",
-                                    "required": ["text"],
-                                    "properties": {"text": text},
-                                },
-                            ]
-                        },
-                        "minItems": 1,
-                        "maxItems": min(limits.max_items, limits.max_pairs),
-                    },
-                    "weights": _optional(_weights(limits)),
-                    "top_n": _optional({"type": "integer", "minimum": 1}),
-                    "return_documents": {"type": "boolean"},
-                    "model": _optional({"type": "string"}),
-                    "user": _optional({"type": "string"}),
-                },
-                ["query", "documents"],
-                _RERANKED,
-            ),
-            "/tokenize": _post(
-                "Token ids with their text pieces and offsets",
-                {"inputs": {"anyOf": [text, texts]}, "add_special_tokens": {"type": "boolean"}},
-                ["inputs"],
-                {"type": "array"},
-            ),
-            "/decode": _post(
-                "Token ids back to text",
-                {
-                    "ids": {"anyOf": _inputs(limits)["anyOf"][2:]},
-                    "skip_special_tokens": {"type": "boolean"},
-                },
-                ["ids"],
-                {"type": "array", "items": {"type": "string"}},
-            ),
-            "/v1/models": _get("The served model", (401, 503)),
-            "/health": _health(),
-            "/live": _get("Liveness"),
-            "/info": _get("Server, model and memory-model details", (401,)),
-            "/metrics": _get("Prometheus metrics", (401,), content_type="text/plain"),
-            "/openapi.json": _get("This document", (401,)),
+            **_embedding_paths(limits),
+            **_retrieval_paths(limits),
+            **_operation_paths(),
         },
         "components": {
             "schemas": {
@@ -401,4 +276,147 @@ def document(limits: Limits) -> dict[str, Any]:
                 }
             }
         },
+    }
+
+
+def _embedding_paths(limits: Limits) -> dict[str, Any]:
+    vector = {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]}
+    embedding_item: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            "object": {"const": "embedding"},
+            "index": {"type": "integer"},
+            "embedding": vector,
+            "sparse_values": _SPARSE_VALUES,
+            "colbert_embeddings": {"type": "array", "items": vector},
+        },
+    }
+    embedding_fields = {
+        **_embed_fields(limits),
+        "encoding_format": _FORMAT,
+        "dimensions": _dimensions(limits),
+        "outputs": _outputs(limits),
+        "return_tokens": {"type": "boolean"},
+    }
+    return {
+        "/v1/embeddings": _post(
+            "OpenAI-compatible embeddings: dense by default, or any of the model's "
+            "outputs together",
+            embedding_fields,
+            ["input"],
+            _list_of(embedding_item),
+        ),
+        "/v1/sparse-embeddings": _post(
+            "Sparse (lexical) weights",
+            {**_embed_fields(limits), "return_tokens": {"type": "boolean"}},
+            ["input"],
+            _list_of(
+                {
+                    "type": "object",
+                    "properties": {
+                        "object": {"const": "sparse_embedding"},
+                        "index": {"type": "integer"},
+                        "sparse_values": _SPARSE_VALUES,
+                    },
+                }
+            ),
+        ),
+        "/v1/embeddings:both": _post(
+            "/v1/embeddings with dense and sparse outputs by default",
+            embedding_fields,
+            ["input"],
+            _list_of(embedding_item),
+        ),
+        "/v1/colbert-embeddings": _post(
+            "ColBERT multi-vector embeddings",
+            {**_embed_fields(limits), "encoding_format": _FORMAT},
+            ["input"],
+            _list_of(
+                {
+                    "type": "object",
+                    "properties": {
+                        "object": {"const": "colbert_embedding"},
+                        "index": {"type": "integer"},
+                        "embeddings": {"type": "array"},
+                    },
+                }
+            ),
+        ),
+    }
+
+
+def _retrieval_paths(limits: Limits) -> dict[str, Any]:
+    text = {"type": "string", "maxLength": limits.max_chars}
+    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": limits.max_items}
+    return {
+        "/v1/score": _post(
+            "Hybrid relevance scores of documents for queries "
+            f"(queries x documents at most {limits.max_pairs} pairs)",
+            {
+                "queries": {"anyOf": [text, texts]},
+                "documents": texts,
+                "weights": _optional(_weights(limits)),
+                "top_n": _optional({"type": "integer", "minimum": 1}),
+                "return_documents": {"type": "boolean"},
+                "model": _optional({"type": "string"}),
+                "user": _optional({"type": "string"}),
+            },
+            ["queries", "documents"],
+            {"type": "object"},
+        ),
+        "/v1/rerank": _post(
+            "Documents ranked for a query by the hybrid score, in the shape of the "
+            f"Cohere, Jina and TEI rerank APIs (at most {limits.max_pairs} documents)",
+            {
+                "query": text,
+                "documents": {
+                    "type": "array",
+                    "items": {
+                        "anyOf": [
+                            text,
+                            {
+                                "type": "object",
+                                "required": ["text"],
+                                "properties": {"text": text},
+                            },
+                        ]
+                    },
+                    "minItems": 1,
+                    "maxItems": min(limits.max_items, limits.max_pairs),
+                },
+                "weights": _optional(_weights(limits)),
+                "top_n": _optional({"type": "integer", "minimum": 1}),
+                "return_documents": {"type": "boolean"},
+                "model": _optional({"type": "string"}),
+                "user": _optional({"type": "string"}),
+            },
+            ["query", "documents"],
+            _RERANKED,
+        ),
+        "/tokenize": _post(
+            "Token ids with their text pieces and offsets",
+            {"inputs": {"anyOf": [text, texts]}, "add_special_tokens": {"type": "boolean"}},
+            ["inputs"],
+            {"type": "array"},
+        ),
+        "/decode": _post(
+            "Token ids back to text",
+            {
+                "ids": {"anyOf": _inputs(limits)["anyOf"][2:]},
+                "skip_special_tokens": {"type": "boolean"},
+            },
+            ["ids"],
+            {"type": "array", "items": {"type": "string"}},
+        ),
+    }
+
+
+def _operation_paths() -> dict[str, Any]:
+    return {
+        "/v1/models": _get("The served model", (401, 503)),
+        "/health": _health(),
+        "/live": _get("Liveness"),
+        "/info": _get("Server, model and memory-model details", (401,)),
+        "/metrics": _get("Prometheus metrics", (401,), content_type="text/plain"),
+        "/openapi.json": _get("This document", (401,)),
     }

@@ -17,12 +17,16 @@ their time alone meanwhile.
 
 The express lane's passes are capped at ``express_tokens`` padded tokens, so their
 worst-case memory is small and known: it is set aside from the regular workspace
-(see :meth:`bge_trio.scheduler.scheduler.Scheduler.set_policy`).
+(see :func:`express_share`).
 """
 
 from __future__ import annotations
 
+import math
+
 import attrs
+
+from bge_trio.scheduler.batching import BatchPolicy
 
 # Texts of at most this many tokens may take the express lane (queries, titles).
 EXPRESS_TOKENS = 256
@@ -67,3 +71,22 @@ def plan_lanes(
     express_threads = max(1, cpu // (count + 1)) if express_tokens else 0
     shared = max(1, (cpu - express_threads) // count) if express_tokens else threads
     return Lanes(count, threads, shared, express_threads, express_tokens)
+
+
+def express_share(
+    policy: BatchPolicy, express_tokens: int
+) -> tuple[BatchPolicy, BatchPolicy | None]:
+    """The limits of regular passes, and of express passes beside them (None: shut).
+
+    An express pass runs beside a regular one, so its worst case (one text of
+    ``express_tokens``, or that many padded tokens of shorter ones) is set aside
+    from the regular workspace. Where that would take more than a tenth of it, the
+    express lane stays shut: memory comes first.
+    """
+    reserve = policy.cost.predict(1, express_tokens) if express_tokens else math.inf
+    if not express_tokens or reserve > 0.1 * policy.workspace_bytes:
+        return policy, None
+    express = BatchPolicy(
+        policy.cost, reserve, max_batch_tokens=express_tokens, max_batch_items=express_tokens
+    )
+    return attrs.evolve(policy, workspace_bytes=policy.workspace_bytes - reserve), express

@@ -6,17 +6,14 @@ promises (:mod:`.inputs`): the maximum sequence length, the long-input policy, t
 memory budget, and a clear error for each way a request can be refused
 (:mod:`.refusals`).
 
-Shutdown (``begin_shutdown``, when the process is told to stop) drains: new work
-is refused with 503, accepted work that can finish within the window finishes,
-and the rest is answered 503 at once, so every request has its answer before the
-server closes its connections.
+Shutdown (``begin_shutdown``, when the process is told to stop) drains
+(:mod:`.draining`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +39,11 @@ from bge_trio.model.encoder import (
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.lanes import Lanes, plan_lanes
-from bge_trio.scheduler.scheduler import Scheduler, ShuttingDownError, Timing, unlimited_policy
+from bge_trio.scheduler.scheduler import Scheduler, Timing, unlimited_policy
+from bge_trio.scheduler.threads import ForwardThreads
 from bge_trio.scoring import MODES, Weights, combine, score_matrix
 from bge_trio.service import inputs, reports
+from bge_trio.service.draining import Draining
 from bge_trio.service.inputs import Embedded
 from bge_trio.service.refusals import refusal, server_failed, shutting_down
 from bge_trio.service.startup import Startup, Status
@@ -75,11 +74,13 @@ class EmbeddingService:
         self.cpu: CpuLimit = detect_cpu_limit(root)
         self.lanes: Lanes = plan_lanes(self.cpu.threads, settings.workers, settings.express_tokens)
         self.gate = Gate(self.lanes.workers)
+        self.forward_threads = ForwardThreads(self.lanes)
         self.scheduler = Scheduler(
             self._forward,
             self.gate,
             unlimited_policy(),
             lanes=self.lanes,
+            forward_threads=self.forward_threads,
             batch_wait_s=settings.batch_wait_ms / 1000,
             max_queue_items=settings.max_queue_items,
             max_queue_tokens=settings.max_queue_tokens,
@@ -92,15 +93,14 @@ class EmbeddingService:
             settings,
             source,
             self.scheduler,
+            self.forward_threads,
             self.gate,
-            self.lanes,
             root=root,
             planner=planner,
             load_encoder=load_encoder,
         )
         self._nursery: trio.Nursery | None = None
-        self.draining = False
-        self.requests_in_flight = 0  # embedding and score requests not yet answered
+        self._draining = Draining(self.scheduler, self.startup.settled)
 
     # -- what startup found -------------------------------------------------------------
 
@@ -119,6 +119,14 @@ class EmbeddingService:
     @property
     def failed(self) -> trio.Event:
         return self.startup.failed
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.active
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self._draining.requests_in_flight
 
     @property
     def info(self) -> ModelInfo:
@@ -152,31 +160,8 @@ class EmbeddingService:
         self.startup.pass_peaked(batch, seq, peak)
 
     def begin_shutdown(self, window_s: float) -> None:
-        """Drain: refuse new work; keep what finishes within ``window_s``; answer the rest.
-
-        Requests whose texts, at the learnt pace, cannot finish in the window are answered
-        503 now (their clients retry elsewhere sooner); at the end of the window anything
-        still waiting is answered 503 too. Idempotent: a second signal changes nothing.
-        """
-        if self.draining:
-            return
-        self.draining = True
-        deadline = trio.current_time() + window_s
-        self.startup.settled.set()  # requests waiting for the model get their answer now
-        refused = self.scheduler.close(deadline)
-        log.warning(
-            "shutting down: new requests are refused; of %d in flight, %d could not finish "
-            "within %.1f s and were answered 503 now; the rest finish or are answered by then",
-            self.requests_in_flight,
-            refused,
-            window_s,
-        )
-        if self._nursery is not None:
-            self._nursery.start_soon(self._end_of_drain, deadline)
-
-    async def _end_of_drain(self, deadline: float) -> None:
-        await trio.sleep_until(deadline)
-        self.scheduler.fail_everything(ShuttingDownError("shutting down"))
+        """Drain (see :mod:`.draining`): new work 503, work that ends in ``window_s`` kept."""
+        self._draining.begin(window_s, self._nursery)
 
     # -- serving ------------------------------------------------------------------------
 
@@ -232,16 +217,6 @@ class EmbeddingService:
             f"the server is still {self.status}; retry shortly", retry_after_s=5, code="not_ready"
         )
 
-    @contextlib.contextmanager
-    def _in_flight(self) -> Iterator[None]:
-        self.requests_in_flight += 1
-        metrics.REQUESTS_IN_FLIGHT.inc()
-        try:
-            yield
-        finally:
-            self.requests_in_flight -= 1
-            metrics.REQUESTS_IN_FLIGHT.dec()
-
     @property
     def healthy(self) -> bool:
         """Ready, not draining, and the last forward passes did not all fail."""
@@ -266,7 +241,7 @@ class EmbeddingService:
         ``truncate`` it, refuse it (``error``), or ``chunk`` it into overlapping
         windows whose results are merged (see :mod:`bge_trio.model.windows`).
         """
-        with self._in_flight():
+        with self._draining.in_flight():
             return await self._embed(texts, token_ids, outputs, long_input, arrived)
 
     async def _embed(
@@ -305,7 +280,7 @@ class EmbeddingService:
         self, queries: Sequence[str], documents: Sequence[str], weights: Weights
     ) -> Scored:
         """Embed queries and documents together, then score every pair off the event loop."""
-        with self._in_flight():
+        with self._draining.in_flight():
             return await self._score(queries, documents, weights)
 
     async def _score(

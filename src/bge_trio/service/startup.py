@@ -40,8 +40,8 @@ from bge_trio.model.source import ModelSource
 from bge_trio.process import prepare_process
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.gate import Gate
-from bge_trio.scheduler.lanes import Lanes
 from bge_trio.scheduler.scheduler import Scheduler
+from bge_trio.scheduler.threads import ForwardThreads
 
 log = logging.getLogger("bge_trio.service")
 
@@ -58,8 +58,8 @@ class Startup:
         settings: Settings,
         source: ModelSource,
         scheduler: Scheduler,
+        threads: ForwardThreads,
         gate: Gate,
-        lanes: Lanes,
         *,
         root: Path,
         planner: Planner,
@@ -68,8 +68,9 @@ class Startup:
         self.settings = settings
         self.source = source
         self._scheduler = scheduler
+        self._threads = threads
         self._gate = gate
-        self._lanes = lanes
+        self._lanes = threads.lanes
         self._root = root  # where /proc and /sys are read (tests use a fake tree)
         self._planner = planner
         self._load_encoder = load_encoder
@@ -93,11 +94,11 @@ class Startup:
         scheduler = self._scheduler
         try:
             prepare_process(self.settings.allocator)
-            # torch work runs where the forward passes will (see Scheduler.on_forward_thread)
-            self.encoder = await scheduler.on_forward_thread(self._load, self._lanes.threads)
+            # torch work runs where the forward passes will (see ForwardThreads.run_first)
+            self.encoder = await self._threads.run_first(self._load, self._lanes.threads)
             self.settled.set()
             self.status = "probing"
-            self.memory = await scheduler.on_forward_thread(self._plan_memory)
+            self.memory = await self._threads.run_first(self._plan_memory)
             scheduler.set_policy(
                 BatchPolicy(
                     self.memory.cost,
@@ -106,7 +107,7 @@ class Startup:
                 )
             )
             scheduler.seed_pace(self.memory.pass_seconds)
-            await scheduler.on_forward_thread(self._readiness_check)
+            await self._threads.run_first(self._readiness_check)
             _publish_memory_metrics(self.memory)
             self.status = "ok"
             log.info(

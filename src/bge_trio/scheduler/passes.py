@@ -1,0 +1,188 @@
+"""Forward passes in flight: each on its lane's pinned thread, measured when it runs
+alone, stopped between layers when nobody waits for it any more, its results
+handed to the requests' tickets."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Protocol
+
+import attrs
+import trio
+
+from bge_trio.memory.probe import PeakMeter
+from bge_trio.model.encoder import BetweenLayers, Embedding, Output, PassAbandoned
+from bge_trio.scheduler.lanes import EXPRESS_LINGER_S, LONG_PASS_S, Lanes
+from bge_trio.scheduler.pace import PassPace
+from bge_trio.scheduler.threads import PinnedThread
+from bge_trio.scheduler.work import WorkItem
+
+log = logging.getLogger("bge_trio.scheduler.scheduler")
+
+Runner = Callable[[Sequence[Sequence[int]], frozenset[Output], BetweenLayers], list[Embedding]]
+# (batch, padded length, measured peak bytes) of a pass that ran alone
+PeakListener = Callable[[int, int, int], None]
+
+
+class PassObserver(Protocol):
+    def batch_started(self, items: int, padded_tokens: int, waits_s: list[float]) -> None: ...
+
+    def batch_finished(self, seconds: float, ok: bool) -> None: ...
+
+
+@attrs.frozen(eq=False)
+class Running:
+    batch: list[WorkItem]
+    started: float
+    predicted: float | None  # seconds, at the learnt pace
+    on_express: bool
+
+
+class Passes:
+    def __init__(
+        self,
+        runner: Runner,
+        lanes: Lanes,
+        pace: PassPace,
+        observer: PassObserver,
+        *,
+        meter: PeakMeter | None,
+        on_peak: PeakListener | None,
+        set_threads: Callable[[int], None],
+    ) -> None:
+        self._runner = runner
+        self._lanes = lanes
+        self._pace = pace
+        self._observer = observer
+        # Per-pass peaks: the kernel's high-water mark is per process, so only a pass
+        # that started and ended with no other pass in flight is measured.
+        self._meter = meter
+        self._on_peak = on_peak
+        self._set_threads = set_threads
+        self.running: dict[int, Running] = {}  # by id of their batch
+        self.express_busy = False
+        self.express_ended = -math.inf  # time.monotonic(): read on the forward threads
+        self.forwarded_items = 0  # texts that reached the model
+        self.stopped_early = 0  # stopped between layers: nobody waited any more
+        self.express_passes = 0
+        self.consecutive_failures = 0
+        self._in_flight = 0
+        self._started = 0
+
+    async def run(
+        self, batch: list[WorkItem], thread: PinnedThread, on_express: bool, express_open: bool
+    ) -> None:
+        """One pass of ``batch`` on ``thread``; every outcome reaches the tickets."""
+        started = trio.current_time()
+        width = max(item.length for item in batch)
+        padded = len(batch) * width
+        predicted = self._pace.predict(len(batch), width)
+        self.running[id(batch)] = Running(batch, started, predicted, on_express)
+        try:
+            outputs: frozenset[Output] = frozenset().union(*(i.ticket.outputs for i in batch))
+            self.forwarded_items += len(batch)
+            self.express_passes += on_express
+            self._observer.batch_started(
+                len(batch), padded, [started - item.enqueued_at for item in batch]
+            )
+            between = self._between_layers(batch, on_express, express_open, predicted)
+            results = await self._forward(thread, batch, outputs, between)
+        except PassAbandoned:
+            self.stopped_early += 1
+            self._observer.batch_finished(trio.current_time() - started, ok=True)
+            log.info(
+                "stopped a pass of %d texts (%d tokens) between layers: nobody waits for it",
+                len(batch),
+                padded,
+            )
+        except Exception as exc:
+            self._observer.batch_finished(trio.current_time() - started, ok=False)
+            self.consecutive_failures += 1
+            log.exception("forward pass of %d texts failed", len(batch))
+            for item in batch:
+                item.ticket.fail(exc)
+        else:
+            self._delivered(batch, results, started, on_express, width)
+        finally:
+            del self.running[id(batch)]
+
+    def _delivered(
+        self,
+        batch: list[WorkItem],
+        results: list[Embedding],
+        started: float,
+        on_express: bool,
+        width: int,
+    ) -> None:
+        elapsed = trio.current_time() - started
+        self._observer.batch_finished(elapsed, ok=True)
+        if not on_express and not self.express_busy:
+            # express passes and regular ones that shared the cores run slower than
+            # a regular pass alone, which is what admission estimates
+            self._pace.observe(len(batch) * width, elapsed, seq=width)
+        for ticket in {id(item.ticket): item.ticket for item in batch}.values():
+            ticket.inference_s += elapsed
+        for item in batch:
+            item.ticket.queue_s = max(item.ticket.queue_s, started - item.enqueued_at)
+        self.consecutive_failures = 0
+        for item, result in zip(batch, results, strict=True):
+            item.ticket.deliver(item.index, result)
+
+    def _between_layers(
+        self, batch: list[WorkItem], on_express: bool, express_open: bool, predicted: float | None
+    ) -> BetweenLayers:
+        """Runs on the pass's thread before each layer: stop if nobody waits, pick threads."""
+        lanes = self._lanes
+        width = max(item.length for item in batch)
+        first = [
+            express_open
+            and width > lanes.express_tokens
+            and (predicted is None or predicted > LONG_PASS_S)
+        ]
+
+        def between_layers() -> None:
+            if all(item.abandoned for item in batch):
+                raise PassAbandoned
+            if on_express:
+                self._set_threads(lanes.express_threads)
+                return
+            sharing = self.express_busy or time.monotonic() - self.express_ended < EXPRESS_LINGER_S
+            if first:
+                sharing = first.pop() or sharing
+            self._set_threads(lanes.shared_threads if sharing else lanes.threads)
+
+        return between_layers
+
+    async def _forward(
+        self,
+        thread: PinnedThread,
+        batch: list[WorkItem],
+        outputs: frozenset[Output],
+        between_layers: BetweenLayers,
+    ) -> list[Embedding]:
+        """Run the pass, measuring its peak when it runs alone."""
+        ids = [item.token_ids for item in batch]
+        alone = self._in_flight == 0
+        self._in_flight += 1
+        self._started += 1
+        generation = self._started
+        try:
+            if not (alone and self._meter is not None and self._on_peak is not None):
+                plain: list[Embedding] = await thread.run(
+                    self._runner, ids, outputs, between_layers
+                )
+                return plain
+            results: list[Embedding]
+            peak: int
+            results, peak = await thread.run(
+                self._meter.measure_pass, partial(self._runner, ids, outputs, between_layers)
+            )
+        finally:
+            self._in_flight -= 1
+        if generation == self._started:  # no other pass started meanwhile
+            self._on_peak(len(batch), max(item.length for item in batch), peak)
+        return results

@@ -1,0 +1,60 @@
+"""The texts waiting for a forward pass, oldest first, and what they add up to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from bge_trio.scheduler.work import WorkItem
+
+
+class QueueObserver(Protocol):
+    def queue_changed(self, items: int, tokens: int) -> None: ...
+
+
+class WorkQueue:
+    def __init__(self, observer: QueueObserver) -> None:
+        self.pending: list[WorkItem] = []  # oldest first
+        self.items = 0  # admitted texts not yet in a forward pass (or dropped)
+        self.tokens = 0
+        self._observer = observer
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def add(self, items: Sequence[WorkItem]) -> None:
+        """A request's texts, all at once (the planner must see them together)."""
+        self.pending.extend(items)
+        self.items += len(items)
+        self.tokens += sum(item.length for item in items)
+        self._observer.queue_changed(self.items, self.tokens)
+
+    def lengths(self, at_most: int | None = None) -> list[int]:
+        return [item.length for item in self.pending if at_most is None or item.length <= at_most]
+
+    def drop_abandoned(self) -> None:
+        """Forget the texts whose request was cancelled or answered."""
+        dropped = [item for item in self.pending if item.abandoned]
+        if dropped:
+            self.pending = [item for item in self.pending if not item.abandoned]
+            self._uncount(dropped)
+
+    def take(self, indices: Iterable[int]) -> list[WorkItem]:
+        """Remove the texts at ``indices`` (positions in ``pending``), in queue order."""
+        chosen = set(indices)
+        batch = [self.pending[i] for i in sorted(chosen)]
+        self.pending = [item for i, item in enumerate(self.pending) if i not in chosen]
+        self._uncount(batch)
+        return batch
+
+    def fail_all(self, error: BaseException) -> None:
+        """Answer every waiting text with ``error`` and empty the queue."""
+        for item in self.pending:
+            item.ticket.fail(error)
+        self._uncount(self.pending)
+        self.pending = []
+
+    def _uncount(self, items: Sequence[WorkItem]) -> None:
+        self.items -= len(items)
+        self.tokens -= sum(item.length for item in items)
+        self._observer.queue_changed(self.items, self.tokens)
