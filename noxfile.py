@@ -73,7 +73,9 @@ def bench(session: nox.Session) -> None:
     (SIGTERM under load, to hypercorn's parent and to its process group) about one;
     ``batching`` (batch caps and allocators, in-process) about five; ``compact`` (what
     float16, int8 and binary vectors cost in retrieval quality, and an 8,000-token
-    document's response size on the full-size stand-in) about five. Options after
+    document's response size on the full-size stand-in) about five; ``bulk``
+    (``bge-trio embed`` alone and on Ray against the server, same corpus) about five.
+    Options after
     the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """
     _install(session, "test,bench")

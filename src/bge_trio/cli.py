@@ -1,10 +1,11 @@
-"""The ``bge-trio`` command: ``serve`` and ``probe``.
+"""The ``bge-trio`` command: ``serve``, ``probe`` and ``embed``.
 
 ``serve`` is hypercorn with the trio worker and ``bge_trio.asgi:app``; its flags
 are another way to set the ``BGE_TRIO_*`` variables, which it exports so every
 worker process reads the same settings. ``probe`` runs the memory probe in the
 foreground, prints what it measured, and writes the probe cache that a server
-with the same configuration will then start from.
+with the same configuration will then start from. ``embed`` embeds a corpus file
+into Parquet (see :mod:`bge_trio.bulk`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="measure the model's memory and write the probe cache")
     _add_setting_flags(probe)
+
+    embed = sub.add_parser(
+        "embed", help="embed a JSONL or Parquet corpus into Parquet (resumable; or on Ray)"
+    )
+    embed.add_argument("input", help="a .jsonl or .parquet file of rows with an id and a text")
+    embed.add_argument("output", help="a directory: Parquet parts (and, locally, a manifest)")
+    embed.add_argument("--id-column", default="id")
+    embed.add_argument("--text-column", default="text")
+    embed.add_argument(
+        "--outputs",
+        default="auto",
+        help="comma-separated dense,sparse,colbert (auto: dense, and sparse if the model has it)",
+    )
+    embed.add_argument(
+        "--shard-rows", type=int, default=1000, help="rows per part file (the unit of resuming)"
+    )
+    embed.add_argument(
+        "--ray", metavar="ADDRESS", help="run on Ray Data: 'auto', 'local', or host:port"
+    )
+    embed.add_argument("--actors", type=int, help="Ray actors (default: cluster CPUs / threads)")
+    embed.add_argument("--threads-per-actor", type=int, default=1)
+    embed.add_argument("--batch-rows", type=int, default=256, help="rows per Ray actor call")
+    _add_setting_flags(embed)
     return parser
 
 
@@ -96,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(args, settings)
+    if args.command == "embed":
+        from bge_trio.bulk.command import run_embed_command
+
+        return run_embed_command(args, settings, source)
     from bge_trio.probe_cli import run_probe_command
 
     return run_probe_command(settings, source)

@@ -1,0 +1,127 @@
+"""The server's encoder, memory budget and batch planner, without the server.
+
+One :class:`BulkEmbedder` per process (or per Ray actor): it loads the model, sizes
+its memory budget from the container or node it runs in (the probe cache makes a
+second start cheap), and embeds lists of texts in passes planned by the same
+:func:`~bge_trio.scheduler.batching.plan_batch` and policy as the server's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import attrs
+
+from bge_trio.cgroups import cpu_count
+from bge_trio.config import Settings
+from bge_trio.errors import ServiceError
+from bge_trio.memory.plan import MemoryPlan, check_fits, measure_budget, plan_memory
+from bge_trio.model.encoder import Embedding, Encoder, Output
+from bge_trio.model.source import ModelSource
+from bge_trio.model.windows import Windows
+from bge_trio.process import prepare_process
+from bge_trio.scheduler.batching import BatchPolicy, plan_batch
+from bge_trio.scheduler.scheduler import Timing
+from bge_trio.service.inputs import Lengths, fit_lengths, merged
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen(eq=False)
+class Embedded:
+    """Results in input order: an embedding and its token count, or why the text failed."""
+
+    embeddings: list[Embedding | None]
+    tokens: list[int]
+    errors: dict[int, str]  # input index -> reason
+
+
+class BulkEmbedder:
+    def __init__(
+        self,
+        settings: Settings,
+        source: ModelSource,
+        outputs: frozenset[Output],
+        *,
+        threads: int | None = None,
+    ) -> None:
+        prepare_process(settings.allocator)
+        self.settings = settings
+        self.encoder = Encoder.load(
+            source,
+            name=settings.model_name,
+            max_seq_length=settings.max_seq_length,
+            dtype=settings.dtype,
+            threads=threads or cpu_count(),
+        )
+        missing = outputs - self.encoder.info.outputs
+        if missing:
+            raise ValueError(
+                f"model {self.encoder.info.name!r} has no {' or '.join(sorted(missing))} "
+                f"head; it offers: {', '.join(sorted(self.encoder.info.outputs))}"
+            )
+        self.outputs = outputs
+        budget = measure_budget(self.encoder, settings, workers=1)
+        self.memory: MemoryPlan = plan_memory(self.encoder, settings, budget)
+        check_fits(self.memory, self.encoder.info.max_seq_length)
+        self.policy = BatchPolicy(
+            self.memory.cost,
+            budget.workspace_bytes,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+        log.info(
+            "bulk embedder ready: %s, probe %s, budget %d bytes per pass",
+            self.encoder.info.name,
+            self.memory.status,
+            budget.workspace_bytes,
+        )
+
+    def embed(self, texts: Sequence[str]) -> Embedded:
+        """Every text, in passes the server's planner would run; long texts follow
+        ``BGE_TRIO_LONG_INPUT`` (a text refused by it is an error, not an exception)."""
+        encoder = self.encoder
+        ids = encoder.tokenize(texts)
+        lengths = Lengths(
+            max_seq=encoder.info.max_seq_length,
+            fits_memory=self.policy.max_single_length(),
+            chunk_window=self.settings.chunk_window,
+            chunk_overlap=self.settings.chunk_overlap,
+        )
+        kept: list[int] = []
+        windows: list[Windows] = []
+        errors: dict[int, str] = {}
+        for index, one in enumerate(ids):
+            try:
+                (fitted,) = fit_lengths(encoder, [one], self.settings.long_input, lengths)
+            except ServiceError as exc:
+                errors[index] = str(exc).replace("input[0]", "the text")
+                continue
+            kept.append(index)
+            windows.append(fitted)
+        flat = [list(w) for fitted in windows for w in fitted.token_ids]
+        results = self._forward_all(flat)
+        done = merged([ids[i] for i in kept], windows, results, Timing())
+        embeddings: list[Embedding | None] = [None] * len(texts)
+        tokens = [0] * len(texts)
+        for index, embedding, fitted in zip(kept, done.embeddings, windows, strict=True):
+            embeddings[index] = embedding
+            tokens[index] = fitted.tokens
+        return Embedded(embeddings, tokens, errors)
+
+    def _forward_all(self, token_ids: list[list[int]]) -> list[Embedding]:
+        """Shortest first, so each planned pass takes texts of like length (little padding)."""
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        results: list[Embedding | None] = [None] * len(token_ids)
+        while order:
+            chosen = plan_batch([len(token_ids[i]) for i in order], self.policy)
+            batch = [order[i] for i in chosen]
+            for index, result in zip(
+                batch,
+                self.encoder.forward([token_ids[i] for i in batch], self.outputs),
+                strict=True,
+            ):
+                results[index] = result
+            taken = set(chosen)
+            order = [index for i, index in enumerate(order) if i not in taken]
+        return [r for r in results if r is not None]

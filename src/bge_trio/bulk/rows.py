@@ -1,0 +1,131 @@
+"""Reading a corpus: JSONL or Parquet rows with an id and a text.
+
+A file that cannot be read, or lacks a column, stops the job with one line naming
+the file; a bad row (no id, a missing or empty text, a line that is not JSON) is
+reported with its row number and skipped, so it never loses the rest of the job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+
+class InputError(ValueError):
+    """The input cannot be read at all (one line, naming the file)."""
+
+
+@attrs.frozen
+class Columns:
+    id: str = "id"
+    text: str = "text"
+
+
+@attrs.frozen
+class Row:
+    number: int  # 0-based position in the input
+    id: Any
+    text: str
+
+
+@attrs.frozen
+class BadRow:
+    number: int
+    id: Any
+    reason: str
+
+
+def input_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    raise InputError(f"{path}: unknown input format; use .jsonl or .parquet")
+
+
+def count_rows(path: Path) -> int:
+    """How many rows the input has (for progress and sharding)."""
+    if input_format(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    try:
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def read_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
+    """Every row in input order; JSONL blank lines are not rows."""
+    if input_format(path) == "parquet":
+        yield from _parquet_rows(path, columns)
+    else:
+        yield from _jsonl_rows(path, columns)
+
+
+def check_row(number: int, record: Any, columns: Columns) -> Row | BadRow:
+    if not isinstance(record, dict):
+        return BadRow(number, None, "not a JSON object")
+    row_id = record.get(columns.id)
+    text = record.get(columns.text)
+    if row_id is None:
+        return BadRow(number, None, f"no '{columns.id}'")
+    if not isinstance(text, str):
+        return BadRow(number, row_id, f"'{columns.text}' is missing or not a string")
+    if not text.strip():
+        return BadRow(number, row_id, f"'{columns.text}' is empty")
+    return Row(number, row_id, text)
+
+
+def _jsonl_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    with f:
+        number = 0
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                yield BadRow(number, None, "not valid JSON")
+            else:
+                if number == 0 and isinstance(record, dict):
+                    _check_columns(path, record.keys(), columns)
+                yield check_row(number, record, columns)
+            number += 1
+
+
+def _parquet_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    _check_columns(path, parquet.schema_arrow.names, columns)
+    number = 0
+    for batch in parquet.iter_batches(columns=[columns.id, columns.text], batch_size=4096):
+        for record in batch.to_pylist():
+            yield check_row(number, record, columns)
+            number += 1
+
+
+def _check_columns(path: Path, names: Any, columns: Columns) -> None:
+    missing = [c for c in (columns.id, columns.text) if c not in set(names)]
+    if missing:
+        raise InputError(
+            f"{path}: no column {' or '.join(repr(c) for c in missing)} (it has: "
+            f"{', '.join(sorted(map(str, names)))}); name them with --id-column / --text-column"
+        )

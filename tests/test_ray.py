@@ -1,0 +1,175 @@
+"""bge-trio embed --ray on a real local Ray cluster (2 CPUs) started by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.processes import bge_trio, env_for
+
+# a throwaway cluster on loopback, for this test only
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A cat sleeps on the warm windowsill while the rain falls outside.",
+    "Hybrid retrieval combines dense, sparse and multi-vector scores.",
+    "Le conseil municipal a voté la rénovation de la place centrale.",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    ray = str(Path(bge_trio()[0]).with_name("ray"))
+    port = _free_port()
+    # Ray's socket paths must be short; pytest's temporary directories are not
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    start = [
+        ray,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
+    env = {**os.environ, **RAY_ENV}
+    subprocess.run(start, check=True, capture_output=True, timeout=120, env=env)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def _corpus(path: Path, rows: int) -> None:
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "text": f"{TEXTS[i % 4]} ({i})"}) + "\n" for i in range(rows)
+        )
+    )
+
+
+def _vectors(directory: Path) -> dict[str, np.ndarray]:
+    table = pq.ParquetDataset(str(directory)).read(columns=["id", "dense"])
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return dict(zip(ids, (np.array(v) for v in table.column("dense").to_pylist()), strict=True))
+
+
+def _local(tmp_path: Path, source: Path) -> dict[str, np.ndarray]:
+    out = tmp_path / "local"
+    done = subprocess.run(
+        [*bge_trio(), "embed", str(source), str(out), "--model", "bundled"],
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return _vectors(out)
+
+
+def _ray_command(cluster: str, source: Path, out: Path) -> list[str]:
+    return [
+        *bge_trio(),
+        "embed",
+        str(source),
+        str(out),
+        "--model",
+        "bundled",
+        "--ray",
+        cluster,
+        "--actors",
+        "2",
+        "--threads-per-actor",
+        "1",
+        "--batch-rows",
+        "16",
+    ]
+
+
+def test_ray_vectors_equal_the_single_process_job_every_id_once(
+    tmp_path: Path, ray_cluster: str
+) -> None:
+    source = tmp_path / "in.jsonl"
+    _corpus(source, 96)
+    done = subprocess.run(
+        _ray_command(ray_cluster, source, tmp_path / "ray"),
+        env=env_for(tmp_path, **RAY_ENV),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    on_ray, local = _vectors(tmp_path / "ray"), _local(tmp_path, source)
+    assert sorted(on_ray) == sorted(local) == sorted(f"d{i}" for i in range(96))
+    for key, vector in local.items():
+        np.testing.assert_allclose(on_ray[key], vector, atol=1e-5)
+
+
+def _actor_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"EmbedActor" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_actor_killed_midway_still_writes_every_id_once(
+    tmp_path: Path, ray_cluster: str
+) -> None:
+    source = tmp_path / "in.jsonl"
+    _corpus(source, 480)
+    job = subprocess.Popen(
+        _ray_command(ray_cluster, source, tmp_path / "ray"),
+        env=env_for(tmp_path, **RAY_ENV),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline:
+        assert job.poll() is None, "the job ended before an actor could be killed"
+        for pid in _actor_pids():
+            try:
+                busy = _cpu_seconds(pid) > 12  # loaded the model and embedding for a while
+            except OSError:
+                continue
+            if busy:
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
+        time.sleep(0.1)
+    assert killed is not None
+    assert job.poll() is None  # killed midway
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr
+    assert sorted(_vectors(tmp_path / "ray")) == sorted(f"d{i}" for i in range(480))
