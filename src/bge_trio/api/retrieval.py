@@ -4,6 +4,7 @@ tokenizer both ways."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -25,16 +26,7 @@ blueprint = Blueprint("retrieval", __name__)
 
 @blueprint.post("/v1/score")
 async def score() -> Response:
-    payload = await body()
-    schemas.check_model(payload)
-    settings = service().settings
-    req = schemas.parse_score_request(
-        payload,
-        max_items=settings.max_batch,
-        max_pairs=settings.max_score_pairs,
-        max_chars=settings.max_input_chars,
-        weights=Weights(*settings.score_weights),
-    )
+    req = await _request(schemas.parse_score_request)
     scored = await _scored(req)
     names = [name for name in SCORE_NAMES if name in scored.scores]
     data = []
@@ -62,16 +54,7 @@ async def score() -> Response:
 async def rerank() -> Response:
     """The rerank APIs' shape (Cohere, Jina, TEI, vLLM, infinity): ``relevance_score`` is
     the hybrid score of /v1/score, with the same weights."""
-    payload = await body()
-    schemas.check_model(payload)
-    settings = service().settings
-    req = schemas.parse_rerank_request(
-        payload,
-        max_items=settings.max_batch,
-        max_pairs=settings.max_score_pairs,
-        max_chars=settings.max_input_chars,
-        weights=Weights(*settings.score_weights),
-    )
+    req = await _request(schemas.parse_rerank_request)
     scored = await _scored(req)
     hybrid = scored.scores["hybrid"][0]
     results = []
@@ -89,6 +72,20 @@ async def rerank() -> Response:
             "results": results,
             "usage": usage,
         }
+    )
+
+
+async def _request(parse: Callable[..., schemas.ScoreRequest]) -> schemas.ScoreRequest:
+    """The body parsed under this server's limits, with its default weights."""
+    payload = await body()
+    schemas.check_model(payload)
+    settings = service().settings
+    return parse(
+        payload,
+        max_items=settings.max_batch,
+        max_pairs=settings.max_score_pairs,
+        max_chars=settings.max_input_chars,
+        weights=Weights(*settings.score_weights),
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from bge_trio.bulk.rows import BadRow, Row
 from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
 from bge_trio.errors import ServiceError
@@ -107,6 +108,19 @@ class BulkEmbedder:
         for index, embedding, fitted in zip(kept, done.embeddings, windows, strict=True):
             embeddings[index] = embedding
             tokens[index] = fitted.tokens
+        return Embedded(embeddings, tokens, errors)
+
+    def embed_rows(self, rows: Sequence[Row | BadRow]) -> Embedded:
+        """Every row in order; a bad row gets its reason as its error and no vectors."""
+        good = [(i, row.text) for i, row in enumerate(rows) if isinstance(row, Row)]
+        result = self.embed([text for _, text in good])
+        embeddings: list[Embedding | None] = [None] * len(rows)
+        tokens = [0] * len(rows)
+        errors = {i: row.reason for i, row in enumerate(rows) if isinstance(row, BadRow)}
+        for j, (i, _) in enumerate(good):
+            embeddings[i], tokens[i] = result.embeddings[j], result.tokens[j]
+            if j in result.errors:
+                errors[i] = result.errors[j]
         return Embedded(embeddings, tokens, errors)
 
     def _forward_all(self, token_ids: list[list[int]]) -> list[Embedding]:

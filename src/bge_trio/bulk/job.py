@@ -105,26 +105,14 @@ def _embed_shard(
     """Embed one shard and write its part file; (rows, tokens, failed rows)."""
     id_type = manifest.setdefault("id_type", _id_type(shard))
     checked = [_typed(row, id_type) for row in shard]
-    good = [row for row in checked if isinstance(row, Row)]
-    result = embedder.embed([row.text for row in good])
-    by_number = {
-        row.number: (emb, tok, result.errors.get(i))
-        for i, (row, emb, tok) in enumerate(
-            zip(good, result.embeddings, result.tokens, strict=True)
-        )
-    }
-    ids, embeddings, tokens, errors = [], [], [], []
-    failed: list[tuple[Any, int, str]] = []
-    for row in checked:
-        embedding, count, error = by_number.get(row.number, (None, 0, None))
-        if isinstance(row, BadRow):
-            error = row.reason
-        if error is not None:
-            failed.append((row.id, row.number, error))
-        ids.append(None if isinstance(row, BadRow) and row.id is None else row.id)
-        embeddings.append(embedding)
-        tokens.append(count)
-        errors.append(error)
+    result = embedder.embed_rows(checked)
+    errors = [result.errors.get(i) for i in range(len(checked))]
+    failed = [
+        (row.id, row.number, error)
+        for row, error in zip(checked, errors, strict=True)
+        if error is not None
+    ]
+    ids, embeddings, tokens = [row.id for row in checked], result.embeddings, result.tokens
     target = records.schema(_arrow_type(id_type), embedder.outputs, manifest["model"])
     _write_parquet(path, records.table(ids, embeddings, tokens, errors, target))
     return len(shard), sum(tokens), failed

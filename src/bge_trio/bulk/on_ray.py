@@ -75,24 +75,11 @@ class EmbedActor:
                 zip(ids.to_pylist(), batch.column(columns.text).to_pylist(), strict=True)
             )
         ]
-        good = [row for row in checked if isinstance(row, Row)]
-        result = self._embedder.embed([row.text for row in good])
-        by_number = {
-            row.number: (emb, tok, result.errors.get(i))
-            for i, (row, emb, tok) in enumerate(
-                zip(good, result.embeddings, result.tokens, strict=True)
-            )
-        }
-        embeddings, tokens, errors = [], [], []
-        for row in checked:
-            embedding, count, error = by_number.get(row.number, (None, 0, None))
-            embeddings.append(embedding)
-            tokens.append(count)
-            errors.append(row.reason if isinstance(row, BadRow) else error)
-        target = records.schema(ids.type, self._job.outputs, self._metadata)
-        if pa.types.is_null(ids.type):
-            target = records.schema(pa.string(), self._job.outputs, self._metadata)
-        return records.table(ids.to_pylist(), embeddings, tokens, errors, target)
+        result = self._embedder.embed_rows(checked)
+        errors = [result.errors.get(i) for i in range(len(checked))]
+        id_type = pa.string() if pa.types.is_null(ids.type) else ids.type
+        target = records.schema(id_type, self._job.outputs, self._metadata)
+        return records.table(ids.to_pylist(), result.embeddings, result.tokens, errors, target)
 
 
 def run_on_ray(job: RayJob, model: str) -> int:
