@@ -74,7 +74,9 @@ def bench(session: nox.Session) -> None:
     ``batching`` (batch caps and allocators, in-process) about five; ``compact`` (what
     float16, int8 and binary vectors cost in retrieval quality, and an 8,000-token
     document's response size on the full-size stand-in) about five; ``bulk``
-    (``bge-trio embed`` alone and on Ray against the server, same corpus) about five.
+    (``bge-trio embed`` alone and on Ray against the server, same corpus) about five;
+    ``form`` (what decided the cost model's form, the weight copy and the probe's shapes,
+    on the stand-in and MiniLM, in-process) about five.
     Options after
     the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """

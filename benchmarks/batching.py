@@ -20,10 +20,10 @@ import platform
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+from benchmarks.docs import DOCS, write_block
+
 ALLOCATORS = ("predictable", "fast")
 
 
@@ -70,7 +70,13 @@ def main() -> None:
     parser.add_argument("--caps", type=int, nargs="+", default=[512, 1024, 2048, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--allocator", choices=ALLOCATORS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite the tables from batching.json"
+    )
     args = parser.parse_args()
+    if args.tables_only:
+        write_tables(json.loads((DOCS / "batching.json").read_text()))
+        return
     if args.allocator:  # the child: one allocator
         print(json.dumps(measure(args.model, args.allocator, args.caps, args.repeats)))
         return
@@ -97,19 +103,14 @@ def main() -> None:
         "tokens_per_s": measured,
     }
     (DOCS / "batching.json").write_text(json.dumps(result, indent=2) + "\n")
-    (DOCS / "batching-table.md").write_text(table(result))
-    _into_performance_md(table(result))
+    write_tables(result)
     print(table(result))
 
 
-def _into_performance_md(text: str) -> None:
-    """The same table in docs/performance.md, between its markers."""
-    path = DOCS / "performance.md"
-    doc = path.read_text()
-    start = doc.index("<!-- batching-table:")
-    start = doc.index("\n", start) + 1
-    end = doc.index("<!-- /batching-table -->")
-    path.write_text(doc[:start] + text + doc[end:])
+def write_tables(report: dict[str, Any]) -> None:
+    """The table file, and the same table in the document that shows it."""
+    (DOCS / "batching-table.md").write_text(table(report))
+    write_block(DOCS / "performance.md", "batching-table", table(report))
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import trio
 
+from benchmarks.docs import DOCS, write_block
 from benchmarks.load import CORPUS, Server, drive, load_corpus
 from bge_trio.cgroups import cpu_count
 from bge_trio.testing import build_full_m3
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODELS = Path.home() / ".cache" / "bge-trio" / "bench"
 
 
@@ -76,7 +76,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--standin-texts", type=int, default=24)
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite the tables from bulk.json"
+    )
     args = parser.parse_args()
+    if args.tables_only:
+        write_tables(json.loads((DOCS / "bulk.json").read_text()))
+        return
     work = Path(tempfile.mkdtemp(prefix="bge-trio-bulk-"))
     cache = {"BGE_TRIO_CACHE_DIR": str(work / "cache")}
     embed(CORPUS, work / "warm", "bundled", **cache)  # fills the probe cache
@@ -130,12 +136,7 @@ def main() -> None:
         "standin_single_process": standin,
     }
     (DOCS / "bulk.json").write_text(json.dumps(report, indent=2) + "\n")
-    (DOCS / "bulk-table.md").write_text(table(report))
-    path = DOCS / "scale-out.md"
-    doc = path.read_text()
-    start = doc.index("\n", doc.index("<!-- bulk-table:")) + 1
-    end = doc.index("<!-- /bulk-table -->")
-    path.write_text(doc[:start] + table(report) + doc[end:])
+    write_tables(report)
     print(table(report))
 
 
@@ -173,6 +174,12 @@ def table(report: dict[str, Any]) -> str:
         f"{st['tokens_per_s']:.0f} tokens/s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def write_tables(report: dict[str, Any]) -> None:
+    """The table file, and the same table in the document that shows it."""
+    (DOCS / "bulk-table.md").write_text(table(report))
+    write_block(DOCS / "scale-out.md", "bulk-table", table(report))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from benchmarks.docs import DOCS, write_block
 from benchmarks.load import load_corpus
 from bge_trio.api.encoding import encode_matrix, encode_vector
 from bge_trio.api.schemas import EncodingFormat
@@ -49,7 +50,6 @@ from bge_trio.testing import build_full_m3, build_tiny_m3
 from bge_trio.testing.docs import decoder_from_docs
 
 F32 = npt.NDArray[np.float32]
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODELS = Path.home() / ".cache" / "bge-trio" / "bench"
 FORMATS: tuple[EncodingFormat, ...] = ("base64", "float16", "int8", "binary")
 ALL: frozenset[Output] = frozenset({"dense", "sparse", "colbert"})
@@ -218,7 +218,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full-m3", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--document-tokens", type=int, default=8000)
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite the tables from compact.json"
+    )
     args = parser.parse_args()
+    if args.tables_only:
+        write_tables(json.loads((DOCS / "compact.json").read_text()))
+        return
     prepare_process("predictable")
     corpus = load_corpus()
     queries = [row["text"] for row in corpus if row["kind"] == "query"]
@@ -236,17 +242,14 @@ def main() -> None:
     if args.full_m3:
         result["document"] = document_size(args.document_tokens)
     (DOCS / "compact.json").write_text(json.dumps(result, indent=2) + "\n")
-    (DOCS / "compact-table.md").write_text(table(result))
-    _into_performance_md(table(result))
+    write_tables(result)
     print(table(result))
 
 
-def _into_performance_md(text: str) -> None:
-    path = DOCS / "performance.md"
-    doc = path.read_text()
-    start = doc.index("\n", doc.index("<!-- compact-table:")) + 1
-    end = doc.index("<!-- /compact-table -->")
-    path.write_text(doc[:start] + text + doc[end:])
+def write_tables(report: dict[str, Any]) -> None:
+    """The table file, and the same table in the document that shows it."""
+    (DOCS / "compact-table.md").write_text(table(report))
+    write_block(DOCS / "performance.md", "compact-table", table(report))
 
 
 if __name__ == "__main__":

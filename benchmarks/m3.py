@@ -41,6 +41,7 @@ import httpx
 import numpy as np
 import torch
 
+from benchmarks.docs import DOCS, write_block
 from benchmarks.load import Server
 from bge_trio.cgroups import cpu_count
 from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
@@ -53,7 +54,6 @@ from bge_trio.testing import build_full_m3
 
 MIB = 1 << 20
 GIB = 1 << 30
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODELS = Path.home() / ".cache" / "bge-trio" / "bench"
 
 # Shapes the probe never measures (it measures (2, 8192), (4, 2048), (16, 512), (2, 1024)).
@@ -309,11 +309,7 @@ def write_tables(report: dict[str, Any]) -> None:
     markers."""
     text = table(report)
     (DOCS / "memory-m3-table.md").write_text(text)
-    path = DOCS / "memory-model.md"
-    doc = path.read_text()
-    start = doc.index("\n", doc.index("<!-- memory-m3-table:")) + 1
-    end = doc.index("<!-- /memory-m3-table -->")
-    path.write_text(doc[:start] + text + doc[end:])
+    write_block(DOCS / "memory-model.md", "memory-m3-table", text)
 
 
 def table(report: dict[str, Any]) -> str:

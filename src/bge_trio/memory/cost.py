@@ -5,8 +5,8 @@ it, a fixed part per pass (``c``: workspace buffers, the pass's own bookkeeping)
 part per token (``a``: hidden states and the feed-forward intermediates of the layer
 being computed) and a part per token squared (``b``: attention scores, where they are
 materialised). Measured on BGE-M3's architecture with SDPA attention and a
-key-padding mask the peak is linear in B·S to within 1 % from 1k to 16k tokens and
-S = 16 to 8192 (docs/memory-model.md), so ``b`` usually fits to zero; it stays in
+key-padding mask the peak is linear in B·S from S = 16 to 8192 (``benchmarks.form``,
+docs/memory-model.md), so ``b`` usually fits to zero; it stays in
 the form for models whose attention does grow with S².
 
 The fit minimises the relative error of each point with each column scaled to unit

@@ -144,12 +144,11 @@ def probe_shapes(
     tokens at other lengths tell the per-token² term from the per-token one); and a
     small padded batch of a quarter as many tokens (another token count tells the
     per-pass constant from the rest). Every batch is padded, as real batches are. No
-    single text: a one-text pass sits a few MiB above the per-token line (measured on
-    BGE-M3 at 128-1024 tokens and on MiniLM at 512), and as the only point at max_seq
-    it would be read as a per-token² cost (all-MiniLM-L6-v2: b = 24.5 B/token²,
-    over-predicting 6 x 448 by 58 %). A shape the conservative model says might not fit
-    the workspace has its batch halved until it does, and is
-    skipped if even batch 1 does not fit.
+    single text: a one-text pass can sit MiB above the per-token line (all-MiniLM-L6-v2
+    at 512), and as the only point at max_seq it would be read as a per-token² cost that
+    over-predicts long batches (``benchmarks.form``, docs/memory-model.md). A shape the
+    conservative model says might not fit the workspace has its batch halved until it
+    does, and is skipped if even batch 1 does not fit.
     """
     tokens = max(max_seq, min_tokens)
     wanted = [
@@ -192,8 +191,8 @@ class ProbeRun:
 
 def _warm_up_shape(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The most tokens at the shortest length: the first large pass of a process pays
-    one-off allocations (measured on all-MiniLM-L6-v2: 98 MiB once, 67 MiB after), and
-    short texts keep the warm-up's attention cheap."""
+    one-off allocations (``benchmarks.form`` measures it), and short texts keep the
+    warm-up's attention cheap."""
     return max(shapes, key=lambda shape: (shape[0] * shape[1], -shape[1]))
 
 

@@ -183,10 +183,11 @@ class Encoder:
 
         For the memory probe: an inference pass frees each layer's intermediates before
         the next layer runs, so every layer after the first peaks alike, and a two-layer
-        pass peaks where the full-depth one does (measured on the BGE-M3 architecture:
-        within 0.3 % at three shapes; one layer is 4.5 % lower, because the embedding
-        output it reads stays referenced for the whole pass). Models whose layer list
-        cannot be found run at full depth. Not for serving: the gate must be closed.
+        pass peaks where the full-depth one does (measured on the BGE-M3 architecture by
+        ``benchmarks.m3``; one layer peaks about one hidden state lower, ``benchmarks.form``,
+        because the embedding output it reads stays referenced for the whole pass). Models
+        whose layer list cannot be found run at full depth. Not for serving: the gate must be
+        closed.
         """
         found = self._layer_list()
         total = 0 if found is None else len(found[1])
@@ -343,7 +344,8 @@ def _key_padding_mask(
 
     Given the (B, S) padding mask, transformers expands it to a (B, 1, S, S) boolean
     mask, and torch's CPU attention turns that into a float mask of the same shape:
-    5 bytes per B·S², 670 MB for two 8192-token texts, more than the rest of the pass.
+    up to 5 bytes per B·S² during attention, which raises the peak of two padded
+    8192-token texts by nearly half (``benchmarks.form``).
     With SDPA attention a (B, 1, 1, S) mask broadcasts over the queries and gives the
     same vectors (tested against transformers' own mask), so the pass costs what its
     tokens cost. A batch without padding needs no mask at all. Other attention kinds

@@ -1,0 +1,436 @@
+"""The measurements behind the cost model's form, the weight copy and the probe's shapes.
+
+    python -m benchmarks.form [--parts m3,minilm] [--tables-only]
+
+Each part runs in a fresh process (a process's first large pass pays one-off
+allocations, which one part must not pay for another), fp32, predictable allocator:
+
+- ``m3``, the full-size BGE-M3 stand-in (see ``benchmarks.m3``):
+  - the resident size after loading and one warm-up pass (weights memory-mapped), after
+    reading every weight, and after copying every weight into the process's memory;
+  - at the probe's depth (two layers), weights resident: served passes at equal token
+    counts over many lengths, single texts among them (is the peak a line in B·S?);
+  - transformers' own (B, S) attention mask against the served key-padding mask, the
+    model alone, at padded shapes (what the expanded mask costs);
+  - one layer against two (why the probe keeps two).
+- ``minilm``, the bundled all-MiniLM-L6-v2 at 512 tokens, weights resident: the probe's
+  warm-up shape measured twice (the first large pass of a process), the probe's four
+  shapes and a one-text (1, 512) shape, and the fit with the one-text shape in place of
+  (2, 512) against the probe's own, judged on a held-out shape.
+
+Writes ``docs/memory-form.json``, ``docs/memory-form-table.md`` and the same tables into
+``docs/memory-model.md`` between its ``memory-form-table`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.docs import DOCS, write_block
+from benchmarks.m3 import standin
+from bge_trio.cgroups import cpu_count
+from bge_trio.memory.cost import Point, fit_cost_model
+from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
+from bge_trio.memory.probe import PeakMeter, malloc_trim, probe_shapes, resident_bytes
+from bge_trio.model.encoder import Encoder, _key_padding_mask
+from bge_trio.model.source import resolve_model
+from bge_trio.process import prepare_process
+
+MIB = 1 << 20
+
+# Equal token counts at many lengths; (1, S) rows are single texts (no padding).
+M3_LINE_SHAPES = [
+    (8, 16),
+    (1, 128),
+    (64, 16),
+    (16, 64),
+    (4, 256),
+    (2, 512),
+    (1, 1024),
+    (256, 16),
+    (64, 64),
+    (16, 256),
+    (4, 1024),
+    (1, 4096),
+    (1, 8192),
+    (256, 64),
+    (16, 1024),
+    (2, 8192),
+]
+M3_MASK_SHAPES = [(4, 1024), (2, 4096), (2, 8192)]
+M3_DEPTH_SHAPES = [(16, 128), (4, 1024)]
+ALLOCATOR_SHAPE = (32, 128)
+ALLOCATOR_ROUNDS = 8
+REPEATS = 3  # the same shape measured again: how much one measurement can be trusted
+MINILM_MAX_SEQ = 512
+MINILM_HELD_OUT = (6, 448)
+
+
+def _padded(encoder: Encoder, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids of a (batch, seq) batch whose last text is one token short, and its mask."""
+    rng = np.random.default_rng(batch * seq)
+    ids = torch.as_tensor(rng.integers(10, encoder.info.vocab_size, size=(batch, seq)))
+    mask = torch.ones((batch, seq), dtype=torch.long)
+    if batch > 1:
+        ids[-1, -1] = encoder.pad_id
+        mask[-1, -1] = 0
+    return ids, mask
+
+
+def _model_only(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor | None) -> object:
+    with torch.inference_mode():
+        return encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def m3_part() -> dict[str, Any]:
+    encoder = Encoder.load(resolve_model(str(standin())), dtype="fp32", threads=cpu_count())
+    encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
+    malloc_trim()
+    loaded = resident_bytes()
+    with torch.inference_mode():  # read every page of every weight, as traffic would
+        for tensor in encoder.weight_tensors():
+            float(tensor.sum())
+    read_all = resident_bytes()
+    weights = encoder.make_weights_resident()
+    malloc_trim()
+    copied = resident_bytes()
+    print(f"  resident {loaded / MIB:.0f} -> {read_all / MIB:.0f} -> {copied / MIB:.0f} MiB")
+
+    meter = PeakMeter()
+    forward = synthetic_forward(encoder)
+    line = []
+    with encoder.shallow(PROBE_LAYERS):
+        forward(256, 64)  # the probe's warm-up: most tokens at a short length
+        for batch, seq in M3_LINE_SHAPES:
+            peak = _timed(meter, partial(forward, batch, seq), f"two layers {batch}x{seq}")
+            line.append({"batch": batch, "seq": seq, "peak": peak})
+        repeated = [
+            _timed(meter, partial(forward, 4, 1024), "again 4x1024") for _ in range(REPEATS)
+        ]
+        mask = []
+        for batch, seq in M3_MASK_SHAPES:
+            ids, padding = _padded(encoder, batch, seq)
+            lengths = [int(n) for n in padding.sum(1)]
+            served = _key_padding_mask(encoder.model, padding, lengths)
+            own = _timed(
+                meter, partial(_model_only, encoder, ids, padding), f"(B,S) mask {batch}x{seq}"
+            )
+            key = _timed(
+                meter, partial(_model_only, encoder, ids, served), f"key mask {batch}x{seq}"
+            )
+            mask.append({"batch": batch, "seq": seq, "expanded_mask": own, "key_padding_mask": key})
+    depth = []
+    for batch, seq in M3_DEPTH_SHAPES:
+        row: dict[str, Any] = {"batch": batch, "seq": seq}
+        for layers in (1, 2):
+            with encoder.shallow(layers):
+                row[f"layers_{layers}"] = _timed(
+                    meter, partial(forward, batch, seq), f"{layers} layer(s) {batch}x{seq}"
+                )
+        depth.append(row)
+    return {
+        "model": "BGE-M3 stand-in (random weights)",
+        "weights_bytes": weights,
+        "resident": {"loaded": loaded, "every_weight_read": read_all, "weights_copied": copied},
+        "line": line,
+        "mask": mask,
+        "depth": depth,
+        "repeated": {"batch": 4, "seq": 1024, "peaks": repeated},
+    }
+
+
+def minilm_part() -> dict[str, Any]:
+    encoder = Encoder.load(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
+    encoder.make_weights_resident()
+    encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
+    malloc_trim()
+    meter = PeakMeter()
+    forward = synthetic_forward(encoder)
+    shapes = probe_shapes(MINILM_MAX_SEQ, float("inf"))
+    warm = max(shapes, key=lambda shape: (shape[0] * shape[1], -shape[1]))
+    first = _timed(meter, partial(forward, *warm), f"first {warm}")
+    again = _timed(meter, partial(forward, *warm), f"again {warm}")
+    peaks = {
+        shape: _timed(meter, partial(forward, *shape), f"{shape}")
+        for shape in [*shapes, (1, MINILM_MAX_SEQ), MINILM_HELD_OUT]
+    }
+    repeated = [_timed(meter, partial(forward, *shapes[1]), "again") for _ in range(REPEATS)]
+    one_text = [(1, MINILM_MAX_SEQ) if shape == shapes[0] else shape for shape in shapes]
+    fits = {}
+    for name, chosen in (("probe_shapes", shapes), ("one_text_at_max_seq", one_text)):
+        fit = fit_cost_model([Point(b, s, peaks[(b, s)]) for b, s in chosen]).model
+        predicted = fit.predict(*MINILM_HELD_OUT)
+        measured = peaks[MINILM_HELD_OUT]
+        fits[name] = {
+            "shapes": [list(shape) for shape in chosen],
+            "a": fit.a,
+            "b": fit.b,
+            "c": fit.c,
+            "held_out_predicted": predicted,
+            "held_out_error_pct": 100 * (predicted - measured) / measured,
+        }
+    return {
+        "model": "all-MiniLM-L6-v2",
+        "max_seq": MINILM_MAX_SEQ,
+        "warm_up": {"batch": warm[0], "seq": warm[1], "first": first, "again": again},
+        "peaks": [{"batch": b, "seq": s, "peak": p} for (b, s), p in peaks.items()],
+        "held_out": {"batch": MINILM_HELD_OUT[0], "seq": MINILM_HELD_OUT[1]},
+        "fits": fits,
+        "repeated": {"batch": shapes[1][0], "seq": shapes[1][1], "peaks": repeated},
+    }
+
+
+def allocator_part(allocator: str) -> dict[str, Any]:
+    """One shape measured again and again between passes of other shapes, as traffic runs."""
+    encoder = Encoder.load(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
+    encoder.make_weights_resident()
+    meter = PeakMeter()
+    forward = synthetic_forward(encoder)
+    rng = np.random.default_rng(0)
+    forward(*ALLOCATOR_SHAPE)
+    peaks = []
+    for _ in range(ALLOCATOR_ROUNDS):
+        for _ in range(3):  # some history: passes of other sizes in between
+            forward(int(rng.integers(1, 64)), int(rng.integers(16, MINILM_MAX_SEQ)))
+        peaks.append(_timed(meter, partial(forward, *ALLOCATOR_SHAPE), allocator))
+    return {
+        "allocator": allocator,
+        "batch": ALLOCATOR_SHAPE[0],
+        "seq": ALLOCATOR_SHAPE[1],
+        "peaks": peaks,
+    }
+
+
+def _timed(meter: PeakMeter, fn: Callable[[], object], label: str) -> int:
+    started = time.perf_counter()
+    peak = meter.measure(fn)
+    print(f"  {label}: {peak / MIB:.1f} MiB, {time.perf_counter() - started:.1f}s", flush=True)
+    return peak
+
+
+PARTS: dict[str, Callable[[], dict[str, Any]]] = {
+    "m3": m3_part,
+    "minilm": minilm_part,
+    "allocator-predictable": partial(allocator_part, "predictable"),
+    "allocator-fast": partial(allocator_part, "fast"),
+}
+
+
+def run_part(name: str) -> dict[str, Any]:
+    """One part in a fresh process (its first large pass is its own)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "part.json"
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.form", "--part", name, "--out", str(out)],
+            check=True,
+        )
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables")
+    parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    path = DOCS / "memory-form.json"
+    if args.part:
+        prepare_process(args.part.removeprefix("allocator-") if "-" in args.part else "predictable")
+        args.out.write_text(json.dumps(PARTS[args.part]()))
+        return
+    if not args.tables_only:
+        report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        report["machine"] = {
+            "threads": cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        for name in args.parts.split(","):
+            print(name, flush=True)
+            report[name] = run_part(name)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    write_tables(json.loads(path.read_text()))
+
+
+def write_tables(report: dict[str, Any]) -> None:
+    """docs/memory-form-table.md, and the same tables in docs/memory-model.md."""
+    (DOCS / "memory-form-table.md").write_text(table(report))
+    write_block(DOCS / "memory-model.md", "memory-form-table", table(report))
+
+
+def table(report: dict[str, Any]) -> str:
+    """The markdown docs/memory-model.md shows, generated from the report."""
+    lines = [
+        "<!-- generated by `python -m benchmarks.form` from memory-form.json; do not edit -->",
+        *_line_table(report["m3"]),
+        *_m3_tables(report["m3"]),
+        *_minilm_tables(report["minilm"]),
+        *_repeat_table(report),
+        *_allocator_table(report),
+    ]
+    return "\n".join(lines)
+
+
+def _repeat_table(report: dict[str, Any]) -> list[str]:
+    out = [
+        "The same shape measured again after its first measurement (weights in memory, "
+        "predictable allocator):",
+        "",
+        "| model, shape | first MiB | again MiB | largest difference |",
+        "| --- | --- | --- | --- |",
+    ]
+    first = {
+        "m3": {(r["batch"], r["seq"]): r["peak"] for r in report["m3"]["line"]},
+        "minilm": {(r["batch"], r["seq"]): r["peak"] for r in report["minilm"]["peaks"]},
+    }
+    for name, label in (("m3", "BGE-M3 stand-in, two layers"), ("minilm", "all-MiniLM-L6-v2")):
+        repeated = report[name]["repeated"]
+        shape = (repeated["batch"], repeated["seq"])
+        peak = first[name][shape]
+        again = repeated["peaks"]
+        spread = max(abs(p - peak) for p in again) / peak
+        out.append(
+            f"| {label}, {shape[0]} x {shape[1]} | {peak / MIB:.1f} "
+            f"| {', '.join(f'{p / MIB:.1f}' for p in again)} | {100 * spread:.1f} % |"
+        )
+    return [*out, ""]
+
+
+def _line_table(m3: dict[str, Any]) -> list[str]:
+    # plain least squares, peak = c + a·tokens, through the padded batches
+    padded = [row for row in m3["line"] if row["batch"] > 1]
+    tokens = np.array([row["batch"] * row["seq"] for row in padded], dtype=float)
+    peaks = np.array([row["peak"] for row in padded], dtype=float)
+    design = np.stack([np.ones_like(tokens), tokens], axis=1)
+    (c, a), *_ = np.linalg.lstsq(design, peaks, rcond=None)
+    out = [
+        "Two layers of the BGE-M3 stand-in, fp32, one pass per shape; the line is least "
+        f"squares through the padded batches, {c / MIB:.1f} MiB + {a:.0f} B per token:",
+        "",
+        "| shape | tokens | peak MiB | KB per token | against the line |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in sorted(m3["line"], key=lambda r: (r["batch"] * r["seq"], r["seq"])):
+        count = row["batch"] * row["seq"]
+        predicted = c + a * count
+        against = _pct(100 * (row["peak"] - predicted) / predicted)
+        note = " (one text)" if row["batch"] == 1 else ""
+        out.append(
+            f"| {row['batch']} x {row['seq']}{note} | {count} | {row['peak'] / MIB:.1f} | "
+            f"{row['peak'] / count / 1000:.1f} | {against} |"
+        )
+    return [*out, ""]
+
+
+def _m3_tables(m3: dict[str, Any]) -> list[str]:
+    out = [
+        "The model alone (two layers), transformers' own (B, S) mask against the served "
+        "(B, 1, 1, S) one; 5·B·S² is a boolean (B, 1, S, S) mask and its float copy:",
+        "",
+        "| shape | (B, S) mask MiB | key-padding mask MiB | difference MiB | 5·B·S² MiB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in m3["mask"]:
+        b, s = row["batch"], row["seq"]
+        out.append(
+            f"| {b} x {s} | {row['expanded_mask'] / MIB:.1f} | {row['key_padding_mask'] / MIB:.1f} "
+            f"| {(row['expanded_mask'] - row['key_padding_mask']) / MIB:.1f} "
+            f"| {5 * b * s * s / MIB:.1f} |"
+        )
+    out += [
+        "",
+        "One layer against two (served passes):",
+        "",
+        "| shape | one layer MiB | two layers MiB | one against two |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in m3["depth"]:
+        one, two = row["layers_1"], row["layers_2"]
+        out.append(
+            f"| {row['batch']} x {row['seq']} | {one / MIB:.1f} | {two / MIB:.1f} "
+            f"| {_pct(100 * (one - two) / two)} |"
+        )
+    resident = m3["resident"]
+    out += [
+        "",
+        f"Resident size of the stand-in process ({m3['weights_bytes'] / MIB:.0f} MiB of weights):",
+        "",
+        "| after | RSS MiB |",
+        "| --- | --- |",
+        "| loading and one warm-up pass (weights memory-mapped) "
+        f"| {resident['loaded'] / MIB:.0f} |",
+        f"| reading every weight once | {resident['every_weight_read'] / MIB:.0f} |",
+        f"| copying every weight into memory | {resident['weights_copied'] / MIB:.0f} |",
+        "",
+    ]
+    return out
+
+
+def _minilm_tables(minilm: dict[str, Any]) -> list[str]:
+    warm = minilm["warm_up"]
+    held = minilm["held_out"]
+    longest = minilm["max_seq"]
+    peak = {(r["batch"], r["seq"]): r["peak"] for r in minilm["peaks"]}
+    out = [
+        f"all-MiniLM-L6-v2 at {longest} tokens, fp32: the probe's warm-up shape "
+        f"{warm['batch']} x {warm['seq']} peaks at {warm['first'] / MIB:.1f} MiB as a "
+        f"process's first large pass and {warm['again'] / MIB:.1f} MiB after; one text of "
+        f"{longest} tokens at {peak[(1, longest)] / MIB:.1f} MiB, two at "
+        f"{peak[(2, longest)] / MIB:.1f} MiB. Fitted from "
+        f"the probe's four shapes, and from the same with one text at {minilm['max_seq']} "
+        f"in place of two, judged on {held['batch']} x {held['seq']}:",
+        "",
+        "| shapes | a B/token | b B/token² | c MiB | held-out error |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, fit in minilm["fits"].items():
+        shapes = ", ".join(f"{b} x {s}" for b, s in fit["shapes"])
+        label = "the probe's" if name == "probe_shapes" else "one text at max_seq"
+        out.append(
+            f"| {label}: {shapes} | {fit['a']:.0f} | {fit['b']:.2f} | {fit['c'] / MIB:.1f} "
+            f"| {_pct(fit['held_out_error_pct'])} |"
+        )
+    return [*out, ""]
+
+
+def _allocator_table(report: dict[str, Any]) -> list[str]:
+    out = [
+        "all-MiniLM-L6-v2: one shape measured again and again, each time after three passes "
+        "of random other shapes, under each allocator:",
+        "",
+        "| allocator | shape | peaks MiB, lowest to highest | highest against lowest |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in ("predictable", "fast"):
+        run = report.get(f"allocator-{name}")
+        if run is None:
+            continue
+        peaks = sorted(run["peaks"])
+        out.append(
+            f"| {name} | {run['batch']} x {run['seq']} | {peaks[0] / MIB:.1f} to "
+            f"{peaks[-1] / MIB:.1f} | {_pct(100 * (peaks[-1] - peaks[0]) / peaks[0])} |"
+        )
+    return [*out, ""]
+
+
+def _pct(value: float) -> str:
+    return f"{value:+.1f} %"
+
+
+if __name__ == "__main__":
+    main()
