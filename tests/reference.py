@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -83,3 +84,16 @@ def colbert_score(q: np.ndarray, p: np.ndarray) -> float:
     for qv in q:
         total += max(float(np.dot(qv, pv)) for pv in p)
     return total / len(q)
+
+
+def assert_dense_answer(response: httpx.Response, reference: ReferenceM3, texts: list[str]) -> None:
+    """The response is a 200 whose body holds each text's dense vector, in order, as the
+    reference computes it, and the texts' tokens as its usage."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = reference.encode(texts)
+    assert [item["index"] for item in body["data"]] == list(range(len(texts)))
+    for item, ref in zip(body["data"], expected, strict=True):
+        np.testing.assert_allclose(item["embedding"], ref.dense, atol=1e-5)
+    tokens = sum(ref.tokens for ref in expected)
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.processes import HYPERCORN, bge_trio, env_for, serving
+from tests.reference import ReferenceM3, assert_dense_answer
 
 
 def test_serve_answers_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -97,10 +98,17 @@ def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> Non
     assert "Traceback" not in out.stderr
 
 
-def test_plain_hypercorn_serves(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_plain_hypercorn_serves(
+    tiny_model_dir: Path, tmp_path: Path, reference: ReferenceM3
+) -> None:
     with serving(HYPERCORN, env_for(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir))) as server:
+        r = httpx.post(server.url + "/v1/embeddings", json={"input": "hello"})
+        assert_dense_answer(r, reference, ["hello"])
         r = httpx.post(server.url + "/v1/sparse-embeddings", json={"input": "hello"})
         assert r.status_code == 200
+        (item,) = r.json()["data"]
+        (expected,) = reference.encode(["hello"])
+        assert item["sparse_values"]["indices"] == sorted(expected.sparse)
 
 
 def test_memory_too_small_exits_3_with_the_numbers(tiny_model_dir: Path, tmp_path: Path) -> None:

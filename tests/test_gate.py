@@ -18,6 +18,7 @@ from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.gate import Gate
 from tests.conftest import running_server
+from tests.reference import ReferenceM3, assert_dense_answer
 
 
 class ControllableProbe:
@@ -75,7 +76,9 @@ async def test_request_during_probe_waits_then_succeeds(
         assert health.json()["cost_a_bytes_per_token"] == 20_000.0
 
 
-async def test_crashing_probe_still_opens_the_gate(tiny_model_dir: Path, settings_for: Any) -> None:
+async def test_crashing_probe_still_opens_the_gate(
+    tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3
+) -> None:
     probe = ControllableProbe(crash=True)
     probe.release.set()
     async with running_server(settings_for(tiny_model_dir), planner=probe) as server:
@@ -85,7 +88,7 @@ async def test_crashing_probe_still_opens_the_gate(tiny_model_dir: Path, setting
         assert health["cost_a_bytes_per_token"] == 16384.0
         assert "probe blew up" in health["probe_detail"]
         r = await server.client.post("/v1/embeddings", json={"input": "served anyway"})
-        assert r.status_code == 200
+        assert_dense_answer(r, reference, ["served anyway"])
 
 
 async def test_startup_wait_expires_with_503_and_retry_after(

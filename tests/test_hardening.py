@@ -18,6 +18,7 @@ from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.batching import BatchPolicy
 from tests.conftest import Server, running_server, wait_ready
+from tests.reference import ReferenceM3, assert_dense_answer
 from tests.test_gate import ControllableProbe
 
 MARKER = 77  # a token id the faulty model refuses
@@ -133,7 +134,7 @@ def load_faulty(source: ModelSource, **kwargs: Any) -> Encoder:
 
 
 async def test_faults_fail_their_batch_flip_health_and_recover(
-    tiny_model_dir: Path, settings_for: Any
+    tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3
 ) -> None:
     settings = settings_for(tiny_model_dir, failure_threshold=2)
     async with running_server(settings, load_encoder=load_faulty) as server:
@@ -153,7 +154,8 @@ async def test_faults_fail_their_batch_flip_health_and_recover(
         health = await client.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "unhealthy"
-        assert (await client.post("/v1/embeddings", json={"input": "fine"})).status_code == 200
+        fine = await client.post("/v1/embeddings", json={"input": "fine"})
+        assert_dense_answer(fine, reference, ["fine"])
         assert (await client.get("/health")).status_code == 200
 
 
@@ -179,7 +181,7 @@ async def test_a_crashed_scheduler_answers_and_reports(
         assert health.json()["status"] == "error"
 
 
-async def test_api_key(tiny_model_dir: Path, settings_for: Any) -> None:
+async def test_api_key(tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3) -> None:
     async with running_server(settings_for(tiny_model_dir, api_key="s3cret")) as server:
         client = server.client
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -189,7 +191,7 @@ async def test_api_key(tiny_model_dir: Path, settings_for: Any) -> None:
         ok = await client.post(
             "/v1/embeddings", json={"input": "a"}, headers={"Authorization": "Bearer s3cret"}
         )
-        assert ok.status_code == 200
+        assert_dense_answer(ok, reference, ["a"])
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/live")).status_code == 200
         assert (await client.get("/metrics")).status_code == 401
@@ -317,12 +319,15 @@ async def test_fuzzed_bodies_never_5xx(tiny_model_dir: Path, settings_for: Any) 
         assert (await server.client.get("/health")).status_code == 200
 
 
-async def test_body_over_the_limit_is_413_json(tiny_model_dir: Path, settings_for: Any) -> None:
+async def test_body_over_the_limit_is_413_json(
+    tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3
+) -> None:
     async with running_server(settings_for(tiny_model_dir, max_body_bytes=4096)) as server:
         r = await server.client.post("/v1/embeddings", json={"input": ["x" * 5000]})
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "request_too_large"
-        assert (await server.client.post("/v1/embeddings", json={"input": "ok"})).status_code == 200
+        ok = await server.client.post("/v1/embeddings", json={"input": "ok"})
+        assert_dense_answer(ok, reference, ["ok"])
 
 
 async def test_request_log_line_says_where_time_went(
@@ -383,7 +388,7 @@ async def test_all_torch_work_runs_on_the_forward_thread(
 
 
 async def test_a_connection_survives_a_request_refused_before_its_body_was_read(
-    tiny_server: Server,
+    tiny_server: Server, reference: ReferenceM3
 ) -> None:
     """A body nobody read (no route, wrong method, a GET with a body): the connection is
     closed rather than left to hang, so every next request on the same client is answered."""
@@ -397,7 +402,7 @@ async def test_a_connection_survives_a_request_refused_before_its_body_was_read(
                 assert answered.status_code in (200, 404, 405)
                 assert answered.headers["Connection"] == "close"
                 ok = await client.post("/v1/embeddings", json={"input": "after"})
-                assert ok.status_code == 200
+                assert_dense_answer(ok, reference, ["after"])
 
 
 async def test_openapi_document_states_this_servers_limits_and_the_server_keeps_them(
