@@ -30,6 +30,7 @@ from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.lanes import plan_lanes
 from bge_trio.scheduler.scheduler import QueueFullError, Scheduler, TooSlowError
 from tests.conftest import running_server
+from tests.reference import ReferenceM3
 
 LONG, SHORT = 40, 6
 POLICY = BatchPolicy(CostModel(1.0, 0.0), 10_000.0)
@@ -295,7 +296,7 @@ def test_lanes_divide_the_cores(cpu: int, workers: int | None, expected: tuple[i
 
 
 async def test_the_server_refuses_a_text_it_cannot_finish_in_time_with_the_estimate(
-    tiny_model_dir: Path, settings_for: Any
+    tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3
 ) -> None:
     settings = settings_for(tiny_model_dir, request_timeout_s=2.0)
     async with running_server(settings) as server:
@@ -304,7 +305,7 @@ async def test_the_server_refuses_a_text_it_cannot_finish_in_time_with_the_estim
             (b, s, 0.01 + b * s * (0.001 + 1e-5 * s)) for b, s in [(1, 40), (4, 100), (1, 400)] * 4
         )
         text = " ".join(["word"] * 300)
-        tokens = min(512, len(server.service.encoder.tokenize([text])[0]))  # type: ignore[union-attr]
+        tokens = min(512, len(reference.tokenizer(text)["input_ids"]))
         r = await server.client.post("/v1/embeddings", json={"input": ["hi", text]})
         ok = await server.client.post("/v1/embeddings", json={"input": ["hi"]})
         health = (await server.client.get("/health")).json()
