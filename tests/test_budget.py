@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,24 @@ def test_too_small_limit_names_the_numbers_and_the_fix() -> None:
     with pytest.raises(MemoryTooSmallError) as caught:
         check_fits(plan, 8192)
     message = str(caught.value)
-    longest = plan.cost.max_seq_within(budget.workspace_bytes)
+    # worked out here, not by the code under test: workspace (1 GiB - 900 MiB - 64 MiB) x 0.7,
+    # the longest S with 30000·S + 12·S² within it, the smallest limit that fits S = 8192
+    workspace = int((60 << 20) * 0.7)
+    assert budget.workspace_bytes == workspace
+    longest = max(s for s in range(1, 8193) if 30_000 * s + 12 * s * s <= workspace)
     assert f"BGE_TRIO_MAX_SEQ_LENGTH <= {longest}" in message
-    assert f"at least {budget.limit_needed_for(plan.cost.predict(1, 8192))} bytes" in message
     check_fits(plan, longest)  # the suggested length does fit
+    with pytest.raises(MemoryTooSmallError):
+        check_fits(plan, longest + 1)
+    found = re.search(r"at least (\d+) bytes", message)
+    assert found is not None
+    suggested = int(found.group(1))
+    need = 30_000 * 8192 + 12 * 8192 * 8192
+    assert suggested == pytest.approx((900 << 20) + (64 << 20) + need / 0.7, abs=2)
+
+    def fits_8192_under(limit: int) -> bool:
+        candidate = Budget(MemoryLimit(limit, "env"), 900 << 20, 64 << 20, 0.7, 1, 1)
+        return candidate.workspace_bytes >= need
+
+    assert fits_8192_under(suggested)
+    assert not fits_8192_under(suggested - 1024)
