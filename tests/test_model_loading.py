@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from bge_trio.model.encoder import Encoder, ModelConfigError
 from bge_trio.model.source import resolve_model
 from tests.conftest import running_server
+from tests.reference import ReferenceM3
 
 
 def _copy_with(src: Path, dst: Path, edit: Any) -> Path:
@@ -45,14 +47,17 @@ def test_a_weight_of_the_wrong_shape_is_refused(tiny_model_dir: Path, tmp_path: 
 
 
 def test_the_unused_pooler_may_be_absent_and_extra_weights_are_named(
-    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, reference: ReferenceM3
 ) -> None:
     extra = _copy_with(
         tiny_model_dir, tmp_path / "extra", lambda w: w.__setitem__("lm_head.bias", torch.ones(4))
     )
     with caplog.at_level(logging.INFO, logger="bge_trio.model.encoder"):
         encoder = Encoder.load(resolve_model(str(extra)), dtype="fp32")
-    assert encoder.forward(encoder.tokenize(["still fine"]))[0].dense is not None
+    # the weights it has are the model's own: the same vectors as the original checkpoint
+    (served,) = encoder.forward(encoder.tokenize(["still fine"]))
+    (expected,) = reference.encode(["still fine"])
+    np.testing.assert_allclose(served.dense, expected.dense, atol=1e-5)  # type: ignore[arg-type]
     messages = [r.getMessage() for r in caplog.records]
     assert any("not used by this server: pooler.dense.bias" in m for m in messages)
     assert any("ignored: lm_head.bias" in m for m in messages)
