@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,13 @@ from benchmarks.m3 import standin
 from bge_trio.cgroups import cpu_count
 from bge_trio.memory.cost import Point, fit_cost_model
 from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
-from bge_trio.memory.probe import PeakMeter, malloc_trim, probe_shapes, resident_bytes
+from bge_trio.memory.probe import (
+    PeakMeter,
+    _warm_up_shape,
+    malloc_trim,
+    probe_shapes,
+    resident_bytes,
+)
 from bge_trio.model.encoder import Encoder, _key_padding_mask
 from bge_trio.model.source import resolve_model
 from bge_trio.process import prepare_process
@@ -160,7 +166,7 @@ def minilm_part() -> dict[str, Any]:
     meter = PeakMeter()
     forward = synthetic_forward(encoder)
     shapes = probe_shapes(MINILM_MAX_SEQ, float("inf"))
-    warm = max(shapes, key=lambda shape: (shape[0] * shape[1], -shape[1]))
+    warm = _warm_up_shape(shapes)
     first = _timed(meter, partial(forward, *warm), f"first {warm}")
     again = _timed(meter, partial(forward, *warm), f"again {warm}")
     peaks = {
@@ -286,29 +292,42 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _markdown(caption: str, header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """A caption, then a markdown table of ``header`` and ``rows``, then a blank line."""
+    lines = [caption, "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"]
+    return [*lines, *(f"| {' | '.join(row)} |" for row in rows), ""]
+
+
+def _shape(row: dict[str, Any]) -> str:
+    return f"{row['batch']} x {row['seq']}"
+
+
+def _mib(value: float) -> str:
+    return f"{value / MIB:.1f}"
+
+
 def _repeat_table(report: dict[str, Any]) -> list[str]:
-    out = [
-        "The same shape measured again after its first measurement (weights in memory, "
-        "predictable allocator):",
-        "",
-        "| model, shape | first MiB | again MiB | largest difference |",
-        "| --- | --- | --- | --- |",
-    ]
-    first = {
-        "m3": {(r["batch"], r["seq"]): r["peak"] for r in report["m3"]["line"]},
-        "minilm": {(r["batch"], r["seq"]): r["peak"] for r in report["minilm"]["peaks"]},
-    }
+    rows = []
     for name, label in (("m3", "BGE-M3 stand-in, two layers"), ("minilm", "all-MiniLM-L6-v2")):
         repeated = report[name]["repeated"]
-        shape = (repeated["batch"], repeated["seq"])
-        peak = first[name][shape]
+        measured = report[name]["line" if name == "m3" else "peaks"]
+        peak = next(r["peak"] for r in measured if _shape(r) == _shape(repeated))
         again = repeated["peaks"]
         spread = max(abs(p - peak) for p in again) / peak
-        out.append(
-            f"| {label}, {shape[0]} x {shape[1]} | {peak / MIB:.1f} "
-            f"| {', '.join(f'{p / MIB:.1f}' for p in again)} | {100 * spread:.1f} % |"
+        rows.append(
+            [
+                f"{label}, {_shape(repeated)}",
+                _mib(peak),
+                ", ".join(_mib(p) for p in again),
+                f"{100 * spread:.1f} %",
+            ]
         )
-    return [*out, ""]
+    return _markdown(
+        "The same shape measured again after its first measurement (weights in memory, "
+        "predictable allocator):",
+        ["model, shape", "first MiB", "again MiB", "largest difference"],
+        rows,
+    )
 
 
 def _line_table(m3: dict[str, Any]) -> list[str]:
@@ -318,67 +337,69 @@ def _line_table(m3: dict[str, Any]) -> list[str]:
     peaks = np.array([row["peak"] for row in padded], dtype=float)
     design = np.stack([np.ones_like(tokens), tokens], axis=1)
     (c, a), *_ = np.linalg.lstsq(design, peaks, rcond=None)
-    out = [
-        "Two layers of the BGE-M3 stand-in, fp32, one pass per shape; the line is least "
-        f"squares through the padded batches, {c / MIB:.1f} MiB + {a:.0f} B per token:",
-        "",
-        "| shape | tokens | peak MiB | KB per token | against the line |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for row in sorted(m3["line"], key=lambda r: (r["batch"] * r["seq"], r["seq"])):
         count = row["batch"] * row["seq"]
         predicted = c + a * count
-        against = _pct(100 * (row["peak"] - predicted) / predicted)
         note = " (one text)" if row["batch"] == 1 else ""
-        out.append(
-            f"| {row['batch']} x {row['seq']}{note} | {count} | {row['peak'] / MIB:.1f} | "
-            f"{row['peak'] / count / 1000:.1f} | {against} |"
+        rows.append(
+            [
+                _shape(row) + note,
+                str(count),
+                _mib(row["peak"]),
+                f"{row['peak'] / count / 1000:.1f}",
+                _pct(100 * (row["peak"] - predicted) / predicted),
+            ]
         )
-    return [*out, ""]
+    return _markdown(
+        "Two layers of the BGE-M3 stand-in, fp32, one pass per shape; the line is least "
+        f"squares through the padded batches, {c / MIB:.1f} MiB + {a:.0f} B per token:",
+        ["shape", "tokens", "peak MiB", "KB per token", "against the line"],
+        rows,
+    )
 
 
 def _m3_tables(m3: dict[str, Any]) -> list[str]:
-    out = [
+    mask = _markdown(
         "The model alone (two layers), transformers' own (B, S) mask against the served "
         "(B, 1, 1, S) one; 5·B·S² is a boolean (B, 1, S, S) mask and its float copy:",
-        "",
-        "| shape | (B, S) mask MiB | key-padding mask MiB | difference MiB | 5·B·S² MiB |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for row in m3["mask"]:
-        b, s = row["batch"], row["seq"]
-        out.append(
-            f"| {b} x {s} | {row['expanded_mask'] / MIB:.1f} | {row['key_padding_mask'] / MIB:.1f} "
-            f"| {(row['expanded_mask'] - row['key_padding_mask']) / MIB:.1f} "
-            f"| {5 * b * s * s / MIB:.1f} |"
-        )
-    out += [
-        "",
+        ["shape", "(B, S) mask MiB", "key-padding mask MiB", "difference MiB", "5·B·S² MiB"],
+        (
+            [
+                _shape(row),
+                _mib(row["expanded_mask"]),
+                _mib(row["key_padding_mask"]),
+                _mib(row["expanded_mask"] - row["key_padding_mask"]),
+                _mib(5 * row["batch"] * row["seq"] ** 2),
+            ]
+            for row in m3["mask"]
+        ),
+    )
+    depth = _markdown(
         "One layer against two (served passes):",
-        "",
-        "| shape | one layer MiB | two layers MiB | one against two |",
-        "| --- | --- | --- | --- |",
-    ]
-    for row in m3["depth"]:
-        one, two = row["layers_1"], row["layers_2"]
-        out.append(
-            f"| {row['batch']} x {row['seq']} | {one / MIB:.1f} | {two / MIB:.1f} "
-            f"| {_pct(100 * (one - two) / two)} |"
-        )
+        ["shape", "one layer MiB", "two layers MiB", "one against two"],
+        (
+            [
+                _shape(row),
+                _mib(row["layers_1"]),
+                _mib(row["layers_2"]),
+                _pct(100 * (row["layers_1"] - row["layers_2"]) / row["layers_2"]),
+            ]
+            for row in m3["depth"]
+        ),
+    )
     resident = m3["resident"]
-    out += [
-        "",
-        f"Resident size of the stand-in process ({m3['weights_bytes'] / MIB:.0f} MiB of weights):",
-        "",
-        "| after | RSS MiB |",
-        "| --- | --- |",
-        "| loading and one warm-up pass (weights memory-mapped) "
-        f"| {resident['loaded'] / MIB:.0f} |",
-        f"| reading every weight once | {resident['every_weight_read'] / MIB:.0f} |",
-        f"| copying every weight into memory | {resident['weights_copied'] / MIB:.0f} |",
-        "",
+    steps = [
+        ("loading and one warm-up pass (weights memory-mapped)", "loaded"),
+        ("reading every weight once", "every_weight_read"),
+        ("copying every weight into memory", "weights_copied"),
     ]
-    return out
+    rss = _markdown(
+        f"Resident size of the stand-in process ({m3['weights_bytes'] / MIB:.0f} MiB of weights):",
+        ["after", "RSS MiB"],
+        ([step, f"{resident[key] / MIB:.0f}"] for step, key in steps),
+    )
+    return [*mask, *depth, *rss]
 
 
 def _minilm_tables(minilm: dict[str, Any]) -> list[str]:
@@ -386,46 +407,48 @@ def _minilm_tables(minilm: dict[str, Any]) -> list[str]:
     held = minilm["held_out"]
     longest = minilm["max_seq"]
     peak = {(r["batch"], r["seq"]): r["peak"] for r in minilm["peaks"]}
-    out = [
-        f"all-MiniLM-L6-v2 at {longest} tokens, fp32: the probe's warm-up shape "
-        f"{warm['batch']} x {warm['seq']} peaks at {warm['first'] / MIB:.1f} MiB as a "
-        f"process's first large pass and {warm['again'] / MIB:.1f} MiB after; one text of "
-        f"{longest} tokens at {peak[(1, longest)] / MIB:.1f} MiB, two at "
-        f"{peak[(2, longest)] / MIB:.1f} MiB. Fitted from "
-        f"the probe's four shapes, and from the same with one text at {minilm['max_seq']} "
-        f"in place of two, judged on {held['batch']} x {held['seq']}:",
-        "",
-        "| shapes | a B/token | b B/token² | c MiB | held-out error |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for name, fit in minilm["fits"].items():
         shapes = ", ".join(f"{b} x {s}" for b, s in fit["shapes"])
         label = "the probe's" if name == "probe_shapes" else "one text at max_seq"
-        out.append(
-            f"| {label}: {shapes} | {fit['a']:.0f} | {fit['b']:.2f} | {fit['c'] / MIB:.1f} "
-            f"| {_pct(fit['held_out_error_pct'])} |"
+        rows.append(
+            [
+                f"{label}: {shapes}",
+                f"{fit['a']:.0f}",
+                f"{fit['b']:.2f}",
+                _mib(fit["c"]),
+                _pct(fit["held_out_error_pct"]),
+            ]
         )
-    return [*out, ""]
+    return _markdown(
+        f"all-MiniLM-L6-v2 at {longest} tokens, fp32: the probe's warm-up shape "
+        f"{_shape(warm)} peaks at {_mib(warm['first'])} MiB as a "
+        f"process's first large pass and {_mib(warm['again'])} MiB after; one text of "
+        f"{longest} tokens at {_mib(peak[(1, longest)])} MiB, two at "
+        f"{_mib(peak[(2, longest)])} MiB. Fitted from "
+        f"the probe's four shapes, and from the same with one text at {longest} "
+        f"in place of two, judged on {_shape(held)}:",
+        ["shapes", "a B/token", "b B/token²", "c MiB", "held-out error"],
+        rows,
+    )
 
 
 def _allocator_table(report: dict[str, Any]) -> list[str]:
-    out = [
-        "all-MiniLM-L6-v2: one shape measured again and again, each time after three passes "
-        "of random other shapes, under each allocator:",
-        "",
-        "| allocator | shape | peaks MiB, lowest to highest | highest against lowest |",
-        "| --- | --- | --- | --- |",
-    ]
+    rows = []
     for name in ("predictable", "fast"):
         run = report.get(f"allocator-{name}")
         if run is None:
             continue
-        peaks = sorted(run["peaks"])
-        out.append(
-            f"| {name} | {run['batch']} x {run['seq']} | {peaks[0] / MIB:.1f} to "
-            f"{peaks[-1] / MIB:.1f} | {_pct(100 * (peaks[-1] - peaks[0]) / peaks[0])} |"
+        low, high = min(run["peaks"]), max(run["peaks"])
+        rows.append(
+            [name, _shape(run), f"{_mib(low)} to {_mib(high)}", _pct(100 * (high - low) / low)]
         )
-    return [*out, ""]
+    return _markdown(
+        "all-MiniLM-L6-v2: one shape measured again and again, each time after three passes "
+        "of random other shapes, under each allocator:",
+        ["allocator", "shape", "peaks MiB, lowest to highest", "highest against lowest"],
+        rows,
+    )
 
 
 def _pct(value: float) -> str:

@@ -190,7 +190,7 @@ def main() -> None:
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """The table file, and the same table in the document that shows it."""
+    """The table file (operations.md links to it)."""
     (DOCS / "shutdown-table.md").write_text(table(report))
 
 
