@@ -94,6 +94,7 @@ def assert_dense_answer(response: httpx.Response, reference: ReferenceM3, texts:
     expected = reference.encode(texts)
     assert [item["index"] for item in body["data"]] == list(range(len(texts)))
     for item, ref in zip(body["data"], expected, strict=True):
+        assert item["object"] == "embedding"
         np.testing.assert_allclose(item["embedding"], ref.dense, atol=1e-5)
     tokens = sum(ref.tokens for ref in expected)
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
