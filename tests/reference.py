@@ -3,7 +3,9 @@
 It loads the tiny model with plain transformers and torch and computes dense,
 sparse and ColBERT outputs (and their scores) the way FlagEmbedding's
 BGEM3FlagModel defines them, with Python loops where that is clearest. Tests
-compare the server against it.
+compare the server against it. Texts are tokenised by the checkpoint's own
+``tokenizer.json`` through the ``tokenizers`` library (as FlagEmbedding on transformers 4
+and TEI do), not by transformers, whose version 5 builds some tokenizers from their class.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from tokenizers import Tokenizer
+from transformers import AutoModel
 
 
 @dataclass
@@ -28,23 +31,30 @@ class RefOutput:
 
 class ReferenceM3:
     def __init__(self, model_dir: Path) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         self.model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         hidden = self.model.config.hidden_size
         self.sparse_linear = torch.nn.Linear(hidden, 1)
         self.sparse_linear.load_state_dict(torch.load(model_dir / "sparse_linear.pt"))
         self.colbert_linear = torch.nn.Linear(hidden, hidden)
         self.colbert_linear.load_state_dict(torch.load(model_dir / "colbert_linear.pt"))
-        tok = self.tokenizer
-        self.unused = {tok.cls_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
+        self.pad_id = self.tokenizer.token_to_id("<pad>")
+        specials = ("<s>", "</s>", "<pad>", "<unk>")  # XLM-R's CLS, EOS, PAD, UNK
+        self.unused = {self.tokenizer.token_to_id(token) for token in specials}
+
+    def ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The checkpoint's token ids for ``text``."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode(self, texts: list[str]) -> list[RefOutput]:
-        return self._run(self.tokenizer(texts, padding=True, return_tensors="pt"))
+        return self.encode_ids([self.ids(text) for text in texts])
 
     def encode_ids(self, id_lists: list[list[int]]) -> list[RefOutput]:
         """The same outputs for token id lists (special tokens included), padded here."""
         width = max(len(ids) for ids in id_lists)
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_id
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in id_lists])
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in id_lists])
         return self._run({"input_ids": input_ids, "attention_mask": mask})

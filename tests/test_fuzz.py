@@ -5,9 +5,15 @@ are refused with a 4xx, no request is a 5xx, and every response (status, content
 headers, body) is one the document describes. The server runs the tiny BGE-M3-layout
 model with limits small enough that the document states them all exactly (queries x
 documents never exceeds the pair limit; no text reaches the model's length).
-The example count is bounded (CI time); the seed is fixed so a failure reproduces:
+Every phase runs: the document's examples, coverage of its boundaries, and fuzzing
+(random bodies the document allows, which is what found a 500 for one-token inputs with
+compact ColBERT encodings). The example count and the time are bounded (CI time); the
+seed is fixed so a failure reproduces:
 
-    schemathesis run URL/openapi.json --checks all --seed 1 --max-examples 25
+    schemathesis run URL/openapi.json --checks all --phases examples,coverage,fuzzing \
+        --seed 1 --max-examples 60 --max-time 30
+
+The served model is bf16, so the fuzzer exercises bf16 serving on any CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from pathlib import Path
 
 from tests.processes import bge_trio, env_for, serving
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 60
+MAX_TIME_S = 30
 
 
 def test_every_response_conforms_to_the_openapi_document(
@@ -27,6 +34,7 @@ def test_every_response_conforms_to_the_openapi_document(
     command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
     env = env_for(
         tmp_path,
+        dtype="bf16",
         BGE_TRIO_MAX_BATCH="64",
         BGE_TRIO_MAX_SCORE_PAIRS=str(64 * 64),
         BGE_TRIO_MAX_INPUT_CHARS="300",  # under the model's 512 tokens, so 'error' never fires
@@ -44,8 +52,12 @@ def test_every_response_conforms_to_the_openapi_document(
                 "all",
                 "--workers",
                 "1",
+                "--phases",
+                "examples,coverage,fuzzing",
                 "--max-examples",
                 str(MAX_EXAMPLES),
+                "--max-time",
+                str(MAX_TIME_S),
                 "--seed",
                 "1",
             ],

@@ -4,6 +4,7 @@ decoder docs/api.md gives clients, to within the error the docs state."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,44 @@ async def test_an_output_the_model_lacks_is_a_400_naming_what_it_offers(
     assert error["code"] == "output_not_supported"
     assert "colbert" in error["message"]
     assert "offers: dense" in error["message"]
+
+
+FORMATS = ["float", "base64", "float16", "int8", "binary"]
+COLBERT_ROUTES = [
+    ("/v1/colbert-embeddings", {}, "embeddings"),
+    ("/v1/embeddings", {"outputs": ["colbert"]}, "colbert_embeddings"),
+    ("/v1/embeddings:both", {"outputs": ["dense", "colbert"]}, "colbert_embeddings"),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_a_text_without_colbert_vectors_is_an_empty_list_in_every_format(
+    tiny_server: Server, fmt: str
+) -> None:
+    """One token id has no ColBERT vector (they start after CLS): an empty list, never a 500,
+    on every route that returns them, beside a text that has some."""
+    for path, extra, field in COLBERT_ROUTES:
+        body = {"input": [[73], [0, 73, 2]], "encoding_format": fmt, **extra}
+        answer = await _post(tiny_server, path, body)
+        empty, two = (item[field] for item in answer["data"])
+        assert empty == [], (path, fmt)
+        assert len(two) == 2, (path, fmt)
+
+
+OUTPUT_SETS = [sorted(chosen) for size in (1, 2, 3) for chosen in combinations(ALL, size)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_every_format_with_every_set_of_outputs_answers(
+    tiny_server: Server, fmt: str
+) -> None:
+    """Each encoding with each combination of outputs, for texts and for token ids (one
+    token, the special tokens alone): a 200 whose items hold exactly the outputs asked for."""
+    fields = {"dense": "embedding", "sparse": "sparse_values", "colbert": "colbert_embeddings"}
+    for outputs in OUTPUT_SETS:
+        for inputs in (["A cat sleeps.", "."], [[73], [0, 2], [0, 73, 2]]):
+            body = {"input": inputs, "encoding_format": fmt, "outputs": outputs}
+            answer = await _post(tiny_server, "/v1/embeddings", body)
+            assert len(answer["data"]) == len(inputs)
+            for item in answer["data"]:
+                assert set(item) - {"object", "index"} == {fields[o] for o in outputs}

@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tokenizers import Tokenizer
 
 from bge_trio.model.source import ModelSource
 from tests.conftest import Server, running_server
-from tests.reference import ReferenceM3, colbert_score, dense_score, sparse_score
+from tests.reference import (
+    ReferenceM3,
+    assert_dense_answer,
+    colbert_score,
+    dense_score,
+    sparse_score,
+)
 
 QUERIES = ["what does the fox do", "cats and kittens"]
 DOCUMENTS = [
@@ -143,7 +150,7 @@ async def test_tokenize_matches_the_tokenizer(tiny_server: Server, reference: Re
     r = await tiny_server.client.post("/tokenize", json={"inputs": [text, "cat"]})
     assert r.status_code == 200
     first = r.json()[0]
-    assert [t["id"] for t in first] == reference.tokenizer(text)["input_ids"]
+    assert [t["id"] for t in first] == reference.ids(text)
     assert first[0]["special"]
     assert first[-1]["special"]
     for token in first[1:-1]:
@@ -179,10 +186,46 @@ async def test_decode_of_tokenize_is_the_tokenizers_own_tiny(
 async def test_decode_of_tokenize_is_the_tokenizers_own_minilm(
     bundled_server: Server, bundled_source: ModelSource
 ) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_source.path))
+    tokenizer = Tokenizer.from_file(str(bundled_source.path / "tokenizer.json"))
     await _check_round_trip(bundled_server, tokenizer, [101, 2000, 102])
+
+
+# Texts whose ids depend on the checkpoint's own normaliser and pre-tokeniser (the tiny
+# model's tokenizer.json normalises with NFKC; transformers 5's XLM-R class would not).
+AWKWARD = [
+    "first line\nsecond line",
+    "\ttabbed\tcolumns",
+    "repeated   spaces  here",
+    "  leading spaces",
+    "\uff46\uff55\uff4c\uff4c\uff0d\uff57\uff49\uff44\uff54\uff48 \uff21\uff22\uff23",  # full-width
+    "cafe\u0301 combining accent",
+    "\n\n paragraph  \t mixed \r\n",
+]
+
+
+async def test_token_ids_are_the_checkpoint_tokenizer_json_s(
+    tiny_server: Server, tiny_model_dir: Path, reference: ReferenceM3
+) -> None:
+    """/tokenize, the ids the model runs on and usage equal the checkpoint's own
+    ``tokenizer.json`` (read by the tokenizers library, not transformers)."""
+    checkpoint = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    expected = [checkpoint.encode(text).ids for text in AWKWARD]
+    tokens = (await tiny_server.client.post("/tokenize", json={"inputs": AWKWARD})).json()
+    assert [[t["id"] for t in row] for row in tokens] == expected
+    answer = await tiny_server.client.post("/v1/embeddings", json={"input": AWKWARD})
+    assert_dense_answer(answer, reference, AWKWARD)
+    assert answer.json()["usage"]["prompt_tokens"] == sum(map(len, expected))
+
+
+async def test_token_ids_are_the_checkpoint_tokenizer_json_s_minilm(
+    bundled_server: Server, bundled_source: ModelSource
+) -> None:
+    checkpoint = Tokenizer.from_file(str(bundled_source.path / "tokenizer.json"))
+    checkpoint.no_truncation()  # the file's own truncation (128) and padding do not apply
+    checkpoint.no_padding()
+    texts = [*AWKWARD, "word " * 300]
+    tokens = (await bundled_server.client.post("/tokenize", json={"inputs": texts})).json()
+    assert [[t["id"] for t in row] for row in tokens] == [checkpoint.encode(t).ids for t in texts]
 
 
 async def _round_trip(server: Server, texts: list[str]) -> tuple[list[list[int]], list[str]]:

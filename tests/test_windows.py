@@ -71,7 +71,7 @@ async def test_chunked_input_matches_the_reference_on_the_same_windows(
     settings = settings_for(
         tiny_model_dir, max_seq_length=48, chunk_window=window, chunk_overlap=overlap
     )
-    ids = reference.tokenizer(LONG)["input_ids"]
+    ids = reference.ids(LONG)
     assert len(ids) > 3 * window
     windows = _manual_windows(ids, window, overlap)
     outs = reference.encode_ids(windows)
@@ -110,7 +110,7 @@ async def test_chunked_input_matches_the_reference_on_the_same_windows(
     assert vectors.shape == (len(ids) - 1, colbert_all.shape[1])  # as many as unsplit
     np.testing.assert_allclose(vectors, colbert_all, atol=2e-5)
     # usage counts every token embedded, the overlaps in each of their windows
-    short = len(reference.tokenizer("short one")["input_ids"])
+    short = len(reference.ids("short one"))
     assert both.json()["usage"]["prompt_tokens"] == counts.sum() + short
     assert truncated.json()["usage"]["prompt_tokens"] == 48 + short
     assert refused.status_code == 400

@@ -52,15 +52,17 @@ def encode_matrix(matrix: npt.NDArray[np.float32], fmt: EncodingFormat) -> Any:
 
 def _layout(matrix: npt.NDArray[np.float32], fmt: EncodingFormat) -> npt.NDArray[np.uint8]:
     """Every row's bytes in ``fmt``'s layout, computed for all rows at once."""
-    rows = matrix.shape[0]
+    rows, width = matrix.shape
     if fmt in ("base64", "float16"):
-        dtype = "<f4" if fmt == "base64" else "<f2"
-        return np.ascontiguousarray(matrix, dtype=dtype).view(np.uint8).reshape(rows, -1)
+        dtype = np.dtype("<f4" if fmt == "base64" else "<f2")
+        # the width is explicit: a text with no ColBERT vector is a (0, d) matrix
+        row_bytes = width * dtype.itemsize
+        return np.ascontiguousarray(matrix, dtype=dtype).view(np.uint8).reshape(rows, row_bytes)
     if fmt == "int8":
         peaks = np.abs(matrix).max(axis=1) if matrix.size else np.zeros(rows, np.float32)
         scales = np.where(peaks > 0, peaks / 127, 1).astype("<f4")
         quantised = np.clip(np.rint(matrix / scales[:, np.newaxis]), -127, 127).astype(np.int8)
-        out = np.empty((rows, 4 + matrix.shape[1]), dtype=np.uint8)
+        out = np.empty((rows, 4 + width), dtype=np.uint8)
         out[:, :4] = scales.view(np.uint8).reshape(rows, 4)
         out[:, 4:] = quantised.view(np.uint8)
         return out

@@ -39,19 +39,17 @@ def load_encoder(
     made it 1.6x fp32 where bf16 weights are 2.2x, with the same dense cosine to
     fp32 (min 0.9998 on the benchmark corpus). Outputs are pooled in fp32.
     """
-    from transformers import AutoTokenizer
-
     if threads:  # this thread's own count (see set_threads)
         torch.set_num_threads(threads)
     path = source.path
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(path)
     model = _transformer(path)
     config = model.config
     hidden = int(config.hidden_size)
     sparse_linear = heads.load_linear(path / heads.SPARSE_FILE, hidden)
     colbert_linear = heads.load_linear(path / heads.COLBERT_FILE, hidden)
     dtype, reason = choose_dtype(dtype, bf16_supported())
-    if reason.startswith("asked"):
+    if "emulated" in reason:
         log.warning("%s", reason)
     model = _converted(model, dtype)
     position_limit, max_seq = _lengths(config, path, max_seq_length)
@@ -74,6 +72,27 @@ def load_encoder(
         dtype_reason=reason,
     )
     return Encoder(tokenizer, model, info, sparse_linear, colbert_linear)
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer as its ``tokenizer.json`` writes it, when it has one.
+
+    transformers 5 builds some tokenizers from their class instead of the file
+    (``XLMRobertaTokenizer``: WhitespaceSplit + Metaspace and the class's normaliser), so
+    texts with newlines, tabs, repeated spaces or characters the file's normaliser
+    rewrites get other ids than the checkpoint (and transformers 4, FlagEmbedding, TEI)
+    give them. ``PreTrainedTokenizerFast`` runs the file's pipeline as written, with the
+    special tokens from ``tokenizer_config.json``. A checkpoint without the file (only a
+    SentencePiece or vocabulary file) gets its class's tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (path / TOKENIZER_FILE).is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _transformer(path: Path) -> Any:
@@ -162,14 +181,16 @@ def choose_dtype(asked: str, native_bf16: bool) -> tuple[str, str]:
     bf16 weights pay only where the CPU computes in bf16 natively (AVX512-BF16 or AMX
     on x86, BF16 on ARM, as oneDNN reports it): there BGE-M3 runs 3.8x and MiniLM 2x
     faster than fp32, with dense cosine to fp32 of at least 0.9998. Elsewhere bf16 is
-    emulated and slower than fp32.
+    emulated and slower than fp32, so ``auto`` serves fp32 there. An explicit ``bf16``
+    is served as asked on any CPU (with a warning where it is emulated): the same
+    vectors from every machine of a mixed fleet, and bf16's code paths on any machine.
     """
     if asked == "auto":
         if native_bf16:
             return "bf16", "auto: this CPU computes bf16 natively"
         return "fp32", "auto: this CPU has no native bf16, so bf16 would be slower"
     if asked == "bf16" and not native_bf16:
-        return "fp32", "asked for bf16, but this CPU has no native bf16; serving fp32"
+        return "bf16", "asked for bf16; this CPU has no native bf16, so it is emulated (slower)"
     return asked, f"BGE_TRIO_DTYPE={asked}"
 
 
