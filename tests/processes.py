@@ -17,10 +17,14 @@ import attrs
 import httpx
 
 
-def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+def env_for(tmp_path: Path, *, dtype: str, **extra: str) -> dict[str, str]:
+    """A server's environment: its own probe cache, no probe unless asked, and the dtype
+    it serves, always said (``auto`` serves bf16 on some CPUs and fp32 on others: a test
+    that compares vectors with the fp32 reference says ``fp32``; ``bf16`` runs bf16's
+    code paths on any CPU)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGE_TRIO_")}
     env.update({"BGE_TRIO_CACHE_DIR": str(tmp_path / "cache"), "BGE_TRIO_PROBE": "off"})
-    env.update(extra)
+    env.update({"BGE_TRIO_DTYPE": dtype, **extra})
     return env
 
 

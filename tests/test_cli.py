@@ -18,7 +18,7 @@ from tests.reference import ReferenceM3, assert_dense_answer
 
 def test_serve_answers_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
     command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
-    with serving(command, env_for(tmp_path)) as server:
+    with serving(command, env_for(tmp_path, dtype="bf16")) as server:
         r = httpx.post(server.url + "/v1/embeddings", json={"input": ["hello", "world"]})
         assert r.status_code == 200
         assert len(r.json()["data"]) == 2
@@ -34,7 +34,7 @@ def test_console_script_is_installed() -> None:
 def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
     out = subprocess.run(
         [*bge_trio(), "serve", "--port", "0"],
-        env=env_for(tmp_path, BGE_TRIO_MODEL=str(tmp_path / "no-such-model")),
+        env=env_for(tmp_path, dtype="bf16", BGE_TRIO_MODEL=str(tmp_path / "no-such-model")),
         capture_output=True,
         text=True,
         timeout=60,
@@ -50,7 +50,9 @@ def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
 def test_uncached_hub_id_explains_what_to_do(tmp_path: Path) -> None:
     out = subprocess.run(
         [*bge_trio(), "serve", "--port", "0"],
-        env=env_for(tmp_path, BGE_TRIO_MODEL="BAAI/bge-m3", HF_HOME=str(tmp_path / "hf")),
+        env=env_for(
+            tmp_path, dtype="bf16", BGE_TRIO_MODEL="BAAI/bge-m3", HF_HOME=str(tmp_path / "hf")
+        ),
         capture_output=True,
         text=True,
         timeout=60,
@@ -75,7 +77,7 @@ def test_bad_setting_names_variable_and_range(
 ) -> None:
     out = subprocess.run(
         [*bge_trio(), "serve", "--port", "0"],
-        env=env_for(tmp_path, **{name: value}),
+        env=env_for(tmp_path, dtype="bf16", **{name: value}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -87,7 +89,7 @@ def test_bad_setting_names_variable_and_range(
 def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> None:
     out = subprocess.run(
         HYPERCORN,
-        env=env_for(tmp_path, BGE_TRIO_WORKERS="lots"),
+        env=env_for(tmp_path, dtype="bf16", BGE_TRIO_WORKERS="lots"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -101,7 +103,9 @@ def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> Non
 def test_plain_hypercorn_serves(
     tiny_model_dir: Path, tmp_path: Path, reference: ReferenceM3
 ) -> None:
-    with serving(HYPERCORN, env_for(tmp_path, BGE_TRIO_MODEL=str(tiny_model_dir))) as server:
+    with serving(
+        HYPERCORN, env_for(tmp_path, dtype="fp32", BGE_TRIO_MODEL=str(tiny_model_dir))
+    ) as server:
         r = httpx.post(server.url + "/v1/embeddings", json={"input": "hello"})
         assert_dense_answer(r, reference, ["hello"])
         r = httpx.post(server.url + "/v1/sparse-embeddings", json={"input": "hello"})
@@ -115,7 +119,10 @@ def test_memory_too_small_exits_3_with_the_numbers(tiny_model_dir: Path, tmp_pat
     out = subprocess.run(
         [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"],
         env=env_for(
-            tmp_path, BGE_TRIO_MEMORY_LIMIT_BYTES=str(1 << 20), BGE_TRIO_MEMORY_HEADROOM_BYTES="0"
+            tmp_path,
+            dtype="bf16",
+            BGE_TRIO_MEMORY_LIMIT_BYTES=str(1 << 20),
+            BGE_TRIO_MEMORY_HEADROOM_BYTES="0",
         ),
         capture_output=True,
         text=True,
@@ -131,7 +138,7 @@ def test_probe_command_prints_the_fit_and_writes_the_cache(
 ) -> None:
     out = subprocess.run(
         [*bge_trio(), "probe", "--model", str(tiny_model_dir), "--max-seq-length", "128"],
-        env=env_for(tmp_path),
+        env=env_for(tmp_path, dtype="bf16"),
         capture_output=True,
         text=True,
         timeout=300,
@@ -147,7 +154,7 @@ def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Pat
     command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
     results: list[tuple[int, float]] = []
     text = "the quick brown fox jumps over the lazy dog " * 50
-    with serving(command, env_for(tmp_path, BGE_TRIO_BATCH_WAIT_MS="0")) as server:
+    with serving(command, env_for(tmp_path, dtype="bf16", BGE_TRIO_BATCH_WAIT_MS="0")) as server:
 
         def client() -> None:
             body = {"input": [text] * 48}
@@ -173,7 +180,7 @@ def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -
     command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
     prom = tmp_path / "prom"
     prom.mkdir()
-    env = env_for(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(prom))
+    env = env_for(tmp_path, dtype="bf16", PROMETHEUS_MULTIPROC_DIR=str(prom))
     with (
         serving([*command, "--processes", "2"], env) as server,
         httpx.Client(base_url=server.url) as client,

@@ -54,7 +54,7 @@ def test_score_weights_must_be_three_non_negative_numbers_not_all_zero(raw: str)
     [
         ("auto", True, "bf16"),
         ("auto", False, "fp32"),
-        ("bf16", False, "fp32"),
+        ("bf16", False, "bf16"),  # asked for: served, emulated (the reason says so)
         ("bf16", True, "bf16"),
         ("fp32", True, "fp32"),
         ("int8", False, "int8"),
@@ -68,3 +68,4 @@ def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(
     assert reason  # /info says why
     if asked == "auto":
         assert reason.startswith("auto:")
+    assert ("emulated" in reason) == (served == "bf16" and not native)

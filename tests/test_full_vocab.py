@@ -36,8 +36,8 @@ def test_passes_over_the_whole_vocabulary_stay_within_the_budgeted_resident_size
     command = [*bge_trio(), "serve", "--model", str(shallow_m3_dir), "--port", "0"]
     env = env_for(
         tmp_path,
+        dtype="fp32",  # sizes below are fp32's
         BGE_TRIO_MAX_SEQ_LENGTH="2048",
-        BGE_TRIO_DTYPE="fp32",  # sizes below are fp32's
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(headroom),
         BGE_TRIO_MAX_BATCH_TOKENS="16384",
     )

@@ -20,10 +20,10 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
     command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
     env = env_for(
         tmp_path,
+        dtype="fp32",  # sizes below are fp32's
         BGE_TRIO_PROBE="auto",
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
         BGE_TRIO_MAX_QUEUE_ITEMS="512",
-        BGE_TRIO_DTYPE="fp32",  # sizes below are fp32's
     )
     statuses: list[int] = []
     with serving(["sh", "-c", command], env) as served:

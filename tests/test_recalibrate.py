@@ -75,8 +75,8 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
 ) -> None:
     env = env_for(
         tmp_path,
+        dtype="fp32",  # sizes below are fp32's
         BGE_TRIO_PROBE="auto",
-        BGE_TRIO_DTYPE="fp32",  # sizes below are fp32's
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
         BGE_TRIO_MAX_BATCH_TOKENS=str(1 << 20),
         BGE_TRIO_MAX_QUEUE_ITEMS="4096",
@@ -143,3 +143,31 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
     if info["drift"]["confirmed"]:
         assert kept["method"] == "recalibrated"
         assert kept["a"] > true_a / 4 * 3
+
+
+def test_a_bf16_server_measures_its_passes_and_corrects_a_cost_model_too_small(
+    tmp_path: Path,
+) -> None:
+    """bf16 serving (emulated where the CPU has no native bf16) measures its passes like
+    fp32 does: given a cost model a hundred times too small, the first large pass peaks
+    far above its prediction and the model is corrected."""
+    env = env_for(
+        tmp_path,
+        dtype="bf16",
+        BGE_TRIO_COST_A="100",  # bytes per token: bf16 MiniLM needs about 8,500
+        BGE_TRIO_COST_B="0",
+        BGE_TRIO_MEMORY_LIMIT_BYTES=str(1536 << 20),
+        BGE_TRIO_MAX_BATCH_TOKENS="16384",  # one pass of all 32 texts: over 5 % of the workspace
+    )
+    command = [*bge_trio(), "serve", "--model", "bundled", "--port", "0"]
+    with serving(command, env) as served:
+        assert httpx.get(served.url + "/info").json()["dtype"] == "bf16"
+        ids = np.random.default_rng(0).integers(1000, 30000, size=(32, 250)).tolist()
+        r = httpx.post(served.url + "/v1/embeddings", json={"input": ids}, timeout=300)
+        assert r.status_code == 200
+        memory = httpx.get(served.url + "/info").json()["memory"]
+    drift = memory["drift"]
+    assert drift["passes_over_prediction"] >= 1, json.dumps(memory)
+    assert drift["correction"] > 10
+    overrun = drift["last_overrun"]
+    assert overrun["measured_bytes"] > 10 * overrun["predicted_bytes"]

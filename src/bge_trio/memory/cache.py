@@ -27,7 +27,9 @@ import attrs
 from bge_trio.memory.cost import CostModel, Point
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 3  # 2: bf16 means bf16 weights (was autocast); 3: a per-pass constant c
+# 2: bf16 means bf16 weights (was autocast); 3: a per-pass constant c; 4: large probe
+# shapes only, a fit raised by its constant
+SCHEMA_VERSION = 4
 
 
 @attrs.frozen

@@ -13,7 +13,9 @@ The fit minimises the relative error of each point with each column scaled to un
 norm (1, B·S and B·S² differ by orders of magnitude). A coefficient that would come
 out negative is dropped and the rest refitted (a memory cost cannot be negative).
 Finally the model is raised until no measured point is above it, so the probe's own
-shapes are never under-predicted.
+shapes are never under-predicted. It is raised by adding to the per-pass constant,
+not by scaling: a point a few MiB above the line then costs every prediction those
+MiB, where scaling would cost the largest passes the same percentage.
 """
 
 from __future__ import annotations
@@ -125,9 +127,9 @@ def fit_cost_model(points: Sequence[Point], *, max_condition: float = 1e8) -> Fi
     model = CostModel(ca, cb, cc)
     # Raise the model until it covers every measured point: the probe's own shapes
     # must never be under-predicted.
-    worst_ratio = max(p.peak_bytes / model.predict(p.batch, p.seq) for p in points)
-    if worst_ratio > 1.0:
-        model = model.scaled(worst_ratio)
+    shortfall = max(p.peak_bytes - model.predict(p.batch, p.seq) for p in points)
+    if shortfall > 0:
+        model = attrs.evolve(model, c=model.c + shortfall)
     predicted = [model.predict(p.batch, p.seq) for p in points]
     residuals = tuple(float(p.peak_bytes - q) for p, q in zip(points, predicted, strict=True))
     relative = tuple(

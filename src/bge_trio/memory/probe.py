@@ -139,24 +139,30 @@ def probe_shapes(
 ) -> list[tuple[int, int]]:
     """Four (batch, seq) shapes that separate the three terms of the cost model.
 
-    Two texts of the longest length (2, max_seq), padded; two shapes of
-    ``max(max_seq, min_tokens)`` tokens at S = max_seq/4 and max_seq/16 (the same
-    tokens at other lengths tell the per-token² term from the per-token one); and a
-    small padded batch of a quarter as many tokens (another token count tells the
-    per-pass constant from the rest). Every batch is padded, as real batches are. No
-    single text: a one-text pass can sit MiB above the per-token line (all-MiniLM-L6-v2
-    at 512), and as the only point at max_seq it would be read as a per-token² cost that
-    over-predicts long batches (``benchmarks.form``, docs/memory-model.md). A shape the
-    conservative model says might not fit the workspace has its batch halved until it
-    does, and is skipped if even batch 1 does not fit.
+    Three shapes of the same ``T = max(max_seq, min_tokens)`` tokens at S = max_seq,
+    max_seq/4 and max_seq/16 (the same tokens at other lengths tell the per-token²
+    term from the per-token one, and the longest length is measured), and one of 2·T
+    tokens at S = max_seq/16 (another token count tells the per-pass constant from the
+    rest; short texts keep it cheap). Batches of more than one text are padded, as real
+    batches are.
+
+    Every shape has thousands of tokens. Small passes cost more per token than large
+    ones (the matrix kernels pick other algorithms for few rows): all-MiniLM-L6-v2 in
+    bf16 costs 12.8 KB per token at 1,024 tokens, 9.3 at 2,048 and 8.5 from 4,096 up; in
+    fp32 30.8 at 512 and 16.7-17.4 from 1,024 up (``benchmarks.form``). A small shape in
+    the fit would be read as a per-token² or per-pass cost that over-predicts every large
+    pass by tens of percent (or, as the second token count, one that under-predicts
+    them), and the large passes are the ones the budget is about. At
+    BGE-M3's 8,192 tokens the longest shape is one text (one text costs what a padded
+    batch of the same tokens does there), which keeps the probe's slowest pass (attention
+    over 8,192 positions) to one text. A shape the conservative model says might not fit
+    the workspace has its batch halved until it does, and is skipped if even batch 1
+    does not fit.
     """
     tokens = max(max_seq, min_tokens)
-    wanted = [
-        (2, max_seq),
-        (tokens // max(8, max_seq // 4), max(8, max_seq // 4)),
-        (tokens // max(8, max_seq // 16), max(8, max_seq // 16)),
-        (2, max(8, max_seq // 8)),
-    ]
+    lengths = [max_seq, max(8, max_seq // 4), max(8, max_seq // 16)]
+    wanted = [(tokens // seq, seq) for seq in lengths]
+    wanted.append((2 * tokens // lengths[-1], lengths[-1]))
     shapes: list[tuple[int, int]] = []
     for batch, seq in wanted:
         batch = max(1, batch)
@@ -192,8 +198,11 @@ class ProbeRun:
 def _warm_up_shape(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The most tokens at the shortest length: the first large pass of a process pays
     one-off allocations (``benchmarks.form`` measures it), and short texts keep the
-    warm-up's attention cheap."""
-    return max(shapes, key=lambda shape: (shape[0] * shape[1], -shape[1]))
+    warm-up's attention cheap (BGE-M3 in bf16, two layers: 2.5 s for 16 x 512 against
+    16 s for 2 x 8192)."""
+    most = max(batch * seq for batch, seq in shapes)
+    seq = min(seq for _, seq in shapes)
+    return max(1, most // seq), seq
 
 
 def _work(batch: int, seq: int) -> float:
