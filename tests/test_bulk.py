@@ -40,7 +40,7 @@ def _corpus(path: Path, rows: int, *, bad: bool = True) -> list[dict[str, Any]]:
 def _embed(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*bge_trio(), "embed", *args],
-        env=env_for(tmp_path, **env),
+        env=env_for(tmp_path, dtype="fp32", **env),
         capture_output=True,
         text=True,
         timeout=600,
@@ -108,7 +108,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(tmp_path: Path)
         "--shard-rows",
         "10",
     ]
-    env = env_for(tmp_path)
+    env = env_for(tmp_path, dtype="fp32")
     run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = out / "_manifest.json"
     deadline = time.monotonic() + 300

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -67,8 +68,35 @@ def _corpus(path: Path, rows: int) -> None:
     )
 
 
+# Lines a real corpus has: not JSON, blank, without an id, with an empty text. Each bad
+# line is one row with its error, never the end of the job.
+BAD_LINES = {
+    10: "{not json",
+    20: '{"id": "d20", "text": "   "}',
+    30: '{"text": "no id here"}',
+    40: "true",
+}
+
+
+def _with_bad_lines(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    for number, line in BAD_LINES.items():
+        lines[number] = line
+    lines.insert(50, "   ")  # blank: not a row
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _errors(directory: Path) -> list[tuple[str | None, str | None]]:
+    table = pq.ParquetDataset(str(directory)).read(columns=["id", "error"])
+    return sorted(
+        zip(table.column("id").to_pylist(), table.column("error").to_pylist(), strict=True),
+        key=repr,
+    )
+
+
 def _vectors(directory: Path) -> dict[str, np.ndarray]:
-    table = pq.ParquetDataset(str(directory)).read(columns=["id", "dense"])
+    table = pq.ParquetDataset(str(directory)).read(columns=["id", "dense", "error"])
+    table = table.filter(pc.is_null(table.column("error")))
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)), "an id was written twice"
     return dict(zip(ids, (np.array(v) for v in table.column("dense").to_pylist()), strict=True))
@@ -78,7 +106,7 @@ def _local(tmp_path: Path, source: Path) -> dict[str, np.ndarray]:
     out = tmp_path / "local"
     done = subprocess.run(
         [*bge_trio(), "embed", str(source), str(out), "--model", "bundled"],
-        env=env_for(tmp_path),
+        env=env_for(tmp_path, dtype="fp32"),
         capture_output=True,
         text=True,
         timeout=600,
@@ -111,16 +139,31 @@ def test_ray_vectors_equal_the_single_process_job_every_id_once(
 ) -> None:
     source = tmp_path / "in.jsonl"
     _corpus(source, 96)
+    _with_bad_lines(source)
     done = subprocess.run(
         _ray_command(ray_cluster, source, tmp_path / "ray"),
-        env=env_for(tmp_path, **RAY_ENV),
+        env=env_for(tmp_path, dtype="fp32", **RAY_ENV),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
     on_ray, local = _vectors(tmp_path / "ray"), _local(tmp_path, source)
-    assert sorted(on_ray) == sorted(local) == sorted(f"d{i}" for i in range(96))
+    good = [f"d{i}" for i in range(96) if i not in BAD_LINES]
+    assert sorted(on_ray) == sorted(local) == sorted(good)
+    # every bad line is one row with its error, as in the single-process job
+    errors = _errors(tmp_path / "ray")
+    assert len(errors) == 96
+    assert errors == _errors(tmp_path / "local")
+    assert [e for e in errors if e[1] is not None] == sorted(
+        [
+            (None, "no 'id'"),
+            (None, "not a JSON object"),
+            (None, "not valid JSON"),
+            ("d20", "'text' is empty"),
+        ],
+        key=repr,
+    )
     for key, vector in local.items():
         np.testing.assert_allclose(on_ray[key], vector, atol=1e-5)
 
@@ -149,7 +192,7 @@ def test_an_actor_killed_midway_still_writes_every_id_once(
     _corpus(source, 1600)
     job = subprocess.Popen(
         _ray_command(ray_cluster, source, tmp_path / "ray"),
-        env=env_for(tmp_path, **RAY_ENV),
+        env=env_for(tmp_path, dtype="fp32", **RAY_ENV),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -22,13 +22,21 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_trio.bulk import records
 from bge_trio.bulk.embedder import BulkEmbedder
 from bge_trio.bulk.progress import Progress
-from bge_trio.bulk.rows import BadRow, Columns, InputError, Row, count_rows, read_rows
+from bge_trio.bulk.rows import (
+    BadRow,
+    Columns,
+    InputError,
+    Row,
+    count_rows,
+    id_type_of,
+    read_rows,
+    typed,
+)
 from bge_trio.config import Settings
 from bge_trio.model.encoder import Output
 from bge_trio.model.source import ModelSource
@@ -103,8 +111,8 @@ def _embed_shard(
     embedder: BulkEmbedder, shard: list[Row | BadRow], manifest: dict[str, Any], path: Path
 ) -> tuple[int, int, list[tuple[Any, int, str]]]:
     """Embed one shard and write its part file; (rows, tokens, failed rows)."""
-    id_type = manifest.setdefault("id_type", _id_type(shard))
-    checked = [_typed(row, id_type) for row in shard]
+    id_type = manifest.setdefault("id_type", id_type_of(shard))
+    checked = [typed(row, id_type) for row in shard]
     result = embedder.embed_rows(checked)
     errors = [result.errors.get(i) for i in range(len(checked))]
     failed = [
@@ -113,7 +121,7 @@ def _embed_shard(
         if error is not None
     ]
     ids, embeddings, tokens = [row.id for row in checked], result.embeddings, result.tokens
-    target = records.schema(_arrow_type(id_type), embedder.outputs, manifest["model"])
+    target = records.schema(records.arrow_id_type(id_type), embedder.outputs, manifest["model"])
     _write_parquet(path, records.table(ids, embeddings, tokens, errors, target))
     return len(shard), sum(tokens), failed
 
@@ -127,34 +135,6 @@ def _shards(rows: Iterator[Row | BadRow], size: int) -> Iterator[list[Row | BadR
             shard = []
     if shard:
         yield shard
-
-
-def _id_type(shard: list[Row | BadRow]) -> str:
-    """Integers if the first id is one, else strings: decided once per job."""
-    first = next((row.id for row in shard if isinstance(row, Row)), "")
-    return "int" if isinstance(first, int) and not isinstance(first, bool) else "str"
-
-
-def _typed(row: Row | BadRow, id_type: str) -> Row | BadRow:
-    if isinstance(row, BadRow):
-        if row.id is not None and not _fits(row.id, id_type):
-            return attrs.evolve(row, id=str(row.id) if id_type == "str" else None)
-        return row
-    if _fits(row.id, id_type):
-        return row
-    if id_type == "str":
-        return attrs.evolve(row, id=str(row.id))
-    return BadRow(row.number, None, f"id {row.id!r} is not an integer like the first row's id")
-
-
-def _fits(value: Any, id_type: str) -> bool:
-    if id_type == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, str)
-
-
-def _arrow_type(id_type: str) -> Any:
-    return pa.int64() if id_type == "int" else pa.string()
 
 
 def _manifest(job: Job, settings: Settings, source: ModelSource) -> dict[str, Any]:

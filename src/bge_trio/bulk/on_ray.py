@@ -1,7 +1,12 @@
 """``bge-trio embed --ray``: the same job on Ray Data.
 
-read (JSONL or Parquet) → ``map_batches`` with one :class:`EmbedActor` per worker →
-``write_parquet``. Each actor builds a :class:`~bge_trio.bulk.embedder.BulkEmbedder`,
+read (JSONL as lines of text, or Parquet) → ``map_batches`` with one
+:class:`EmbedActor` per worker → ``write_parquet``. JSONL is read as text and each line
+parsed in the actor, as the local job parses it: Ray Data's JSON reader stops the whole
+job at the first line that is not JSON, where a bad line must be one row with its
+error. The driver reads the input's first rows itself, so a file that lacks a column
+is refused in one line before the cluster does any work, and the id type is decided
+once for every actor. Each actor builds a :class:`~bge_trio.bulk.embedder.BulkEmbedder`,
 so it loads the model once, sizes its memory budget from the container or node it
 runs in (``processes`` = actors per node share that memory) and plans passes with
 the server's planner. A killed actor is restarted and its batch retried by Ray
@@ -20,7 +25,18 @@ from typing import Any
 import attrs
 
 from bge_trio.bulk import records
-from bge_trio.bulk.rows import BadRow, Columns, Row, check_row, input_format
+from bge_trio.bulk.rows import (
+    BadRow,
+    Columns,
+    IdType,
+    Row,
+    check_row,
+    id_type_of,
+    input_format,
+    parse_line,
+    read_rows,
+    typed,
+)
 from bge_trio.config import PREFIX, Settings
 from bge_trio.model.encoder import Output
 from bge_trio.model.source import resolve_model
@@ -30,6 +46,7 @@ log = logging.getLogger("bge_trio.bulk")
 # for them would leave them none on a small cluster whose CPUs the actors hold.
 IO_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.8
+LINE = "text"  # the column Ray Data's text reader puts each line in
 
 
 @attrs.frozen
@@ -42,6 +59,7 @@ class RayJob:
     actors: int | None = None  # None: from the cluster's CPUs
     threads_per_actor: int = 1
     batch_rows: int = 256
+    id_type: IdType = "str"  # decided by the driver from the first good row
 
 
 class EmbedActor:
@@ -65,26 +83,35 @@ class EmbedActor:
         )
 
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
-        columns = self._job.columns
-        ids = batch.column(columns.id)
-        checked: list[Row | BadRow] = [
-            check_row(i, {columns.id: row_id, columns.text: text}, columns)
-            for i, (row_id, text) in enumerate(
-                zip(ids.to_pylist(), batch.column(columns.text).to_pylist(), strict=True)
-            )
-        ]
+        job = self._job
+        checked = [typed(row, job.id_type) for row in _rows(batch, job)]
         result = self._embedder.embed_rows(checked)
         errors = [result.errors.get(i) for i in range(len(checked))]
-        id_type = pa.string() if pa.types.is_null(ids.type) else ids.type
-        target = records.schema(id_type, self._job.outputs, self._metadata)
-        return records.table(ids.to_pylist(), result.embeddings, result.tokens, errors, target)
+        target = records.schema(records.arrow_id_type(job.id_type), job.outputs, self._metadata)
+        ids = [row.id for row in checked]
+        return records.table(ids, result.embeddings, result.tokens, errors, target)
+
+
+def _rows(batch: Any, job: RayJob) -> list[Row | BadRow]:
+    """A batch's rows: JSONL lines parsed here, or Parquet's two columns."""
+    columns = job.columns
+    if input_format(job.input) == "jsonl":
+        lines = [line for line in batch.column(LINE).to_pylist() if line.strip()]
+        return [parse_line(i, line, columns) for i, line in enumerate(lines)]
+    ids = batch.column(columns.id).to_pylist()
+    texts = batch.column(columns.text).to_pylist()
+    return [
+        check_row(i, {columns.id: row_id, columns.text: text}, columns)
+        for i, (row_id, text) in enumerate(zip(ids, texts, strict=True))
+    ]
 
 
 def run_on_ray(job: RayJob, model: str) -> int:
     """Run the job on the cluster at ``job.address``; returns the rows written."""
     import ray
+
+    # checks the columns (InputError) and decides the id type, before the cluster works
+    job = attrs.evolve(job, id_type=id_type_of(read_rows(job.input, job.columns)))
 
     if not ray.is_initialized():
         ray.init(
@@ -99,8 +126,8 @@ def run_on_ray(job: RayJob, model: str) -> int:
     light = {"num_cpus": IO_CPUS}
     if input_format(job.input) == "parquet":
         dataset = ray.data.read_parquet(str(job.input), ray_remote_args=light)
-    else:
-        dataset = ray.data.read_json(str(job.input), lines=True, ray_remote_args=light)
+    else:  # blank lines are not rows, as in the local job
+        dataset = ray.data.read_text(str(job.input), drop_empty_lines=True, ray_remote_args=light)
     env = {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
     embedded = dataset.map_batches(
         EmbedActor,

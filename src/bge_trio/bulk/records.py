@@ -22,6 +22,11 @@ from bge_trio.model.encoder import Embedding, Output
 METADATA_KEY = b"bge_trio"
 
 
+def arrow_id_type(id_type: str) -> Any:
+    """The id column's Arrow type for a job's id type (``int`` or ``str``)."""
+    return pa.int64() if id_type == "int" else pa.string()
+
+
 def schema(id_type: pa.DataType, outputs: frozenset[Output], metadata: dict[str, Any]) -> Any:
     fields = [pa.field("id", id_type), pa.field("tokens", pa.int32())]
     if "dense" in outputs:

@@ -8,9 +8,9 @@ reported with its row number and skipped, so it never loses the rest of the job.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -86,6 +86,15 @@ def check_row(number: int, record: Any, columns: Columns) -> Row | BadRow:
     return Row(number, row_id, text)
 
 
+def parse_line(number: int, line: str | bytes, columns: Columns) -> Row | BadRow:
+    """One JSONL line as a row; a line that is not JSON is a bad row, not an error."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return BadRow(number, None, "not valid JSON")
+    return check_row(number, record, columns)
+
+
 def _jsonl_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
     try:
         f = path.open("rb")
@@ -96,15 +105,20 @@ def _jsonl_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
         for line in f:
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                yield BadRow(number, None, "not valid JSON")
-            else:
-                if number == 0 and isinstance(record, dict):
-                    _check_columns(path, record.keys(), columns)
-                yield check_row(number, record, columns)
+            if number == 0:
+                _check_first_line(path, line, columns)
+            yield parse_line(number, line, columns)
             number += 1
+
+
+def _check_first_line(path: Path, line: bytes, columns: Columns) -> None:
+    """The first line names the columns: a file without them is refused whole."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return  # a bad row, reported as such
+    if isinstance(record, dict):
+        _check_columns(path, record.keys(), columns)
 
 
 def _parquet_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
@@ -120,6 +134,35 @@ def _parquet_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
         for record in batch.to_pylist():
             yield check_row(number, record, columns)
             number += 1
+
+
+IdType = Literal["int", "str"]
+
+
+def id_type_of(rows: Iterable[Row | BadRow]) -> IdType:
+    """Integers if the first good row's id is one, else strings: decided once per job."""
+    first = next((row.id for row in rows if isinstance(row, Row)), "")
+    return "int" if isinstance(first, int) and not isinstance(first, bool) else "str"
+
+
+def typed(row: Row | BadRow, id_type: IdType) -> Row | BadRow:
+    """The row with its id of the job's type: a string id made from another value, or a
+    bad row where an integer was expected and something else came."""
+    if isinstance(row, BadRow):
+        if row.id is not None and not _fits(row.id, id_type):
+            return attrs.evolve(row, id=str(row.id) if id_type == "str" else None)
+        return row
+    if _fits(row.id, id_type):
+        return row
+    if id_type == "str":
+        return attrs.evolve(row, id=str(row.id))
+    return BadRow(row.number, None, f"id {row.id!r} is not an integer like the first row's id")
+
+
+def _fits(value: Any, id_type: IdType) -> bool:
+    if id_type == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def _check_columns(path: Path, names: Any, columns: Columns) -> None:
