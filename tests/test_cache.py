@@ -15,7 +15,7 @@ from bge_trio.config import Settings
 from bge_trio.memory.budget import Budget, MemoryLimit
 from bge_trio.memory.cache import ProbeCache, make_key
 from bge_trio.memory.cost import CostModel, Point
-from bge_trio.memory.plan import cache_key_for, plan_memory
+from bge_trio.memory.plan import MemoryPlan, cache_key_for, plan_memory, store_correction
 from bge_trio.model.encoder import Encoder
 
 FIELDS: dict[str, str | int] = {
@@ -211,3 +211,26 @@ def test_a_failed_cache_write_keeps_the_result_without_probing_again(
     )
     assert plan.status == "complete"
     assert measured == list(range(1, len(plan.points) + 1))  # one probe, not two
+
+
+def test_a_kept_correction_keeps_the_probe_s_pass_times(tmp_path: Path) -> None:
+    """A confirmed recalibration rewrites the cache entry; the next start still finds the
+    probe's timed passes in it, so its admission has a pace from the first request."""
+    settings = Settings(model="m", cache_dir=tmp_path)
+    key = make_key(**FIELDS)
+    timed = ((1, 8192, 30.5), (4, 2048, 12.0), (16, 512, 9.0))
+    limit = MemoryLimit(8 << 30, "env")
+    plan = MemoryPlan(
+        "complete",
+        CostModel(20_000.0, 0.0),
+        Budget(limit, 1 << 30, 256 << 20, 0.9, 1, 1),
+        POINTS,
+        "vmhwm",
+        cache_key=key,
+        pass_seconds=timed,
+    )
+    store_correction(plan, settings, 1.5)
+    hit = ProbeCache(tmp_path).load(key)
+    assert hit is not None
+    assert (hit.method, hit.model) == ("recalibrated", CostModel(30_000.0, 0.0))
+    assert hit.pass_seconds == timed

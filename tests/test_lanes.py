@@ -256,11 +256,12 @@ async def test_a_short_query_is_not_refused_for_the_long_work_queued(
         await nursery.start(scheduler.run)
         nursery.start_soon(scheduler.submit, [_text(400)], DENSE)
         await trio.to_thread.run_sync(model.long_started.wait)
-        for seed in range(1, 4):  # ~0.57 s each at the seeded pace
+        for seed in range(1, 3):  # ~0.57 s each at the seeded pace
             nursery.start_soon(scheduler.submit, [_text(400, seed)], DENSE)
         await trio.sleep(0.1)
-        assert scheduler.statistics().queued_items == 3
-        with pytest.raises(QueueFullError) as full:  # three queued + itself: ~2.3 s > 2 s
+        assert scheduler.statistics().queued_items == 2
+        # the running pass, two queued and itself: ~2.2 s, past 90 % of the 2 s deadline
+        with pytest.raises(QueueFullError) as full:
             await scheduler.submit([_text(400, 9)], DENSE)
         assert full.value.retry_after_s >= 1
         (short,) = await scheduler.submit([_text(SHORT)], DENSE)  # the express lane
@@ -305,7 +306,7 @@ async def test_the_server_refuses_a_text_it_cannot_finish_in_time_with_the_estim
             (b, s, 0.01 + b * s * (0.001 + 1e-5 * s)) for b, s in [(1, 40), (4, 100), (1, 400)] * 4
         )
         text = " ".join(["word"] * 300)
-        tokens = min(512, len(reference.tokenizer(text)["input_ids"]))
+        tokens = min(512, len(reference.ids(text)))
         r = await server.client.post("/v1/embeddings", json={"input": ["hi", text]})
         ok = await server.client.post("/v1/embeddings", json={"input": ["hi"]})
         health = (await server.client.get("/health")).json()

@@ -114,10 +114,14 @@ def test_attention_makes_long_texts_cost_more_per_token_and_the_curve_sees_it() 
 def test_a_seed_of_timed_passes_gives_an_estimate_before_any_pass_runs() -> None:
     pace = PassPace()
     assert pace.predict(1, 1000) is None
-    pace.seed((b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in [(2, 8192), (4, 2048)] * 2)
-    assert pace.predict(1, 1000) is None  # too few passes to trust
-    pace.seed((b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in [(16, 512), (2, 1024)] * 2)
+    shapes = [(2, 8192), (4, 2048), (16, 512), (2, 1024)]
+    pace.seed((b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in shapes)
     assert pace.predict(1, 1000) == pytest.approx(0.01 + 1000 * 2e-3, rel=1e-4)
+    # a later seed starts afresh: twice as slow now, and nothing of the first remains
+    pace.seed((b, s, 2 * (0.01 + b * s * (1e-3 + 1e-6 * s))) for b, s in shapes)
+    assert pace.predict(1, 1000) == pytest.approx(2 * (0.01 + 1000 * 2e-3), rel=1e-4)
+    pace.seed((b, s, 0.01 + b * s * (1e-3 + 1e-6 * s)) for b, s in shapes[:2])
+    assert pace.predict(1, 1000) is None  # too few shapes to trust
 
 
 def test_a_seed_of_three_shapes_is_enough_to_fit() -> None:

@@ -11,6 +11,7 @@ together (hypercorn ``--workers N``) wait for one probe and reuse its result.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -138,6 +139,24 @@ def synthetic_forward(encoder: Encoder) -> Callable[[int, int], object]:
     return forward
 
 
+def time_passes(encoder: Encoder) -> tuple[tuple[int, int, float], ...]:
+    """(batch, seq, seconds) of three small full-depth passes: a first pace where the probe
+    timed none (probe off, an explicit cost model, a failed probe), so that admission
+    never judges the first requests blind. Each shape runs twice; the faster counts."""
+    forward = synthetic_forward(encoder)
+    longest = min(512, encoder.info.max_seq_length)
+    short = max(1, min(32, longest // 4))
+    timed = []
+    for batch, seq in ((1, short), (8, short), (1, longest)):
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            forward(batch, seq)
+            seconds.append(time.perf_counter() - started)
+        timed.append((batch, seq, min(seconds)))
+    return tuple(timed)
+
+
 def measure_budget(
     encoder: Encoder, settings: Settings, root: Path = Path("/"), *, workers: int | None = None
 ) -> Budget:
@@ -262,7 +281,7 @@ def store_correction(plan: MemoryPlan, settings: Settings, correction: float) ->
         return None
     cache = ProbeCache(settings.cache_dir)
     corrected = plan.cost.scaled(correction)
-    return cache.store(plan.cache_key, corrected, plan.points, "recalibrated")
+    return cache.store(plan.cache_key, corrected, plan.points, "recalibrated", plan.pass_seconds)
 
 
 def _failsafe(probe: Callable[[], MemoryPlan], budget: Budget) -> MemoryPlan:

@@ -9,7 +9,7 @@ elsewhere) than accepted and timed out later (504, work wasted).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -19,6 +19,11 @@ from bge_trio.scheduler.pace import PassPace
 from bge_trio.scheduler.queue import WorkQueue
 
 Curve = tuple[float, float, float]
+# A request is queued only if it is predicted to end within this share of its deadline:
+# the pace is an estimate (passes that share the cores run slower than the ones it was
+# learnt from; tokenising and answering take time too), and a request admitted on an
+# estimate that proves a little short is a 504 after the whole deadline.
+ADMIT_SHARE = 0.9
 
 
 class QueueFullError(RuntimeError):
@@ -30,14 +35,19 @@ class QueueFullError(RuntimeError):
 
 
 class TooSlowError(RuntimeError):
-    """One text of the request alone would run past the deadline (a 413 for the client)."""
+    """One text of the request, or the whole request on an idle server, would run past
+    the deadline (a 413 for the client): ``index`` names the text, None the request."""
 
-    def __init__(self, index: int, tokens: int, estimate_s: float, deadline_s: float) -> None:
-        super().__init__(f"input[{index}] would take about {estimate_s:.0f} s")
+    def __init__(
+        self, index: int | None, tokens: int, estimate_s: float, deadline_s: float, texts: int = 1
+    ) -> None:
+        what = "the request" if index is None else f"input[{index}]"
+        super().__init__(f"{what} would take about {estimate_s:.0f} s")
         self.index = index
         self.tokens = tokens
         self.estimate_s = estimate_s
         self.deadline_s = deadline_s
+        self.texts = texts
 
 
 @attrs.frozen
@@ -48,36 +58,51 @@ class Bounds:
 
 
 class Admission:
-    def __init__(self, queue: WorkQueue, pace: PassPace, lanes: Lanes, bounds: Bounds) -> None:
+    def __init__(
+        self,
+        queue: WorkQueue,
+        pace: PassPace,
+        lanes: Lanes,
+        bounds: Bounds,
+        running_s: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self._queue = queue
         self._pace = pace
         self._lanes = lanes
         self.bounds = bounds
+        self._running_s = running_s  # seconds left in the regular passes running now
 
     def admit(self, lengths: Sequence[int], policy: BatchPolicy, express_open: bool) -> None:
         """All or nothing: a request is queued whole, or refused whole.
 
-        A text that alone would run past the deadline is refused (TooSlowError) even
-        on an idle server; otherwise an empty queue admits any request, so one larger
-        than the bounds still runs when the server is otherwise idle.
+        A text that alone would run past the deadline, or a request whose texts alone
+        would, is refused (TooSlowError) even on an idle server: waiting would only end
+        in a timeout. Otherwise an idle server (nothing queued or running) admits any
+        request, so one larger than the queue's bounds still runs.
         """
         bounds, queue = self.bounds, self._queue
         for index, length in enumerate(lengths):
             alone = self._pace.predict(1, length)
             if alone is not None and alone > bounds.max_wait_s:
                 raise TooSlowError(index, length, alone, bounds.max_wait_s)
-        if not queue.items:
+        curve = self._pace.curve()
+        if curve is not None:
+            lanes = self._lanes.workers
+            alone = wait_seconds(curve, [], lengths, policy.max_batch_tokens, lanes)
+            if alone > bounds.max_wait_s:
+                raise TooSlowError(None, sum(lengths), alone, bounds.max_wait_s, len(lengths))
+        if not queue.items and self._running_s() <= 0:
             return
         wait = self.expected_wait_s(lengths, policy, express_open)
         if (
             queue.items + len(lengths) > bounds.max_items
             or queue.tokens + sum(lengths) > bounds.max_tokens
-            or wait > bounds.max_wait_s
+            or wait > ADMIT_SHARE * bounds.max_wait_s
         ):
             raise QueueFullError(
                 f"{queue.items} texts ({queue.tokens} tokens) are already "
                 f"queued; this request would finish in about {wait:.0f} s",
-                retry_after_s=max(1.0, wait - bounds.max_wait_s),
+                retry_after_s=max(1.0, wait - ADMIT_SHARE * bounds.max_wait_s),
             )
 
     def expected_wait_s(
@@ -85,8 +110,9 @@ class Admission:
     ) -> float:
         """How long the queue plus texts of ``lengths`` take at the learnt pace; 0 if unknown.
 
-        Texts short enough for the express lane do not wait behind the long ones;
-        only the short work queued counts for them.
+        The regular passes running now count with the time they have left. Texts short
+        enough for the express lane do not wait behind the long ones; only the short
+        work queued counts for them.
         """
         curve = self._pace.curve()
         if curve is None:
@@ -94,8 +120,18 @@ class Admission:
         limit = self._lanes.express_tokens
         express = express_open and all(length <= limit for length in lengths)
         queued = self._queue.lengths(limit if express else None)
-        lanes = self._lanes.workers + (1 if express else 0)
-        return wait_seconds(curve, queued, lengths, policy.max_batch_tokens, lanes)
+        cap = policy.max_batch_tokens
+        if express:  # the express lane besides the workers; long passes do not hold it
+            return wait_seconds(curve, queued, lengths, cap, self._lanes.workers + 1)
+        lanes = self._lanes.workers
+        # The work shared out evenly over the workers, and on several workers part of
+        # a pass more: work in passes ends at most (1 - 1/workers) of its largest pass
+        # after its even share (the request's last texts may share the last pass).
+        running = self._running_s() / lanes
+        texts = len(queued) + len(lengths)
+        last_pass = largest_pass_s(curve, policy, max(lengths, default=0), texts)
+        even = wait_seconds(curve, queued, lengths, cap, lanes)
+        return running + even + (1 - 1 / lanes) * last_pass
 
 
 def wait_seconds(
@@ -109,6 +145,22 @@ def wait_seconds(
     work = sum(length * length for length in everything)
     passes = 1 + tokens // (cap or tokens or 1)
     return (passes * t0 + tokens * t1 + work * t2) / lanes
+
+
+def largest_pass_s(curve: Curve, policy: BatchPolicy, seq: int, texts: int) -> float:
+    """How long the largest pass of at most ``texts`` texts of ``seq`` tokens the policy
+    allows takes."""
+    if seq <= 0 or texts <= 0:
+        return 0.0
+    low, high = 1, min(texts, policy.max_batch_items)  # the largest batch that fits: low
+    while low < high:
+        middle = (low + high + 1) // 2
+        if policy.fits(middle, seq):
+            low = middle
+        else:
+            high = middle - 1
+    t0, t1, t2 = curve
+    return t0 + low * seq * (t1 + t2 * seq)
 
 
 def finish_time(free: list[float], lengths: Sequence[int], curve: Curve, cap: int | None) -> float:

@@ -57,11 +57,14 @@ class PassPace:
         self.passes += 1
 
     def seed(self, passes: Iterable[tuple[int, int, float]]) -> None:
-        """Start from (batch, seq, seconds) passes timed elsewhere, e.g. by the probe.
+        """Start afresh from (batch, seq, seconds) passes timed elsewhere, e.g. by the probe.
 
         The probe spreads its shapes on purpose, so three different shapes are enough
         to fit: the curve is known before the first request (served passes refine it).
         """
+        self._gram = np.zeros((3, 3))
+        self._moment = np.zeros(3)
+        self.passes = 0
         shapes = set()
         for batch, seq, seconds in passes:
             self.observe(batch * seq, seconds, seq=seq)

@@ -73,6 +73,15 @@ class Passes:
         self._in_flight = 0
         self._started = 0
 
+    def seconds_left(self) -> float:
+        """The predicted time the regular passes running now have left (admission counts it)."""
+        now = trio.current_time()
+        return sum(
+            max(0.0, run.predicted - (now - run.started))
+            for run in self.running.values()
+            if not run.on_express and run.predicted is not None
+        )
+
     async def run(
         self, batch: list[WorkItem], thread: PinnedThread, on_express: bool, express_open: bool
     ) -> None:

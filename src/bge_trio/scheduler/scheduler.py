@@ -123,7 +123,7 @@ class Scheduler:
             runner, self.lanes, pace, observer, meter=meter, on_peak=on_peak, set_threads=threads
         )
         bounds = Bounds(max_queue_items, max_queue_tokens, max_wait_s)
-        self._admission = Admission(queue, pace, self.lanes, bounds)
+        self._admission = Admission(queue, pace, self.lanes, bounds, passes.seconds_left)
         self._drain = Drain(queue, passes, gate, pace)
         self._wake = trio.Event()  # set when work arrives or a lane frees up
         self._arriving = 0  # requests being tokenised, about to submit

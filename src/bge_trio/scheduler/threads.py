@@ -97,6 +97,19 @@ class ForwardThreads:
             for thread in [*regular, *([express] if express else [])]:
                 thread.close()
 
+    async def run_each(self, fn: Callable[..., T], *args: Any) -> list[T]:
+        """Run ``fn(*args)`` on every regular worker's thread at once; the results in
+        thread order (for timing passes as they run under load: side by side)."""
+        results: list[T] = []
+
+        async def one(thread: PinnedThread) -> None:
+            results.append(await thread.run(fn, *args))
+
+        async with trio.open_nursery() as nursery:
+            for thread in self.regular:
+                nursery.start_soon(one, thread)
+        return results
+
     async def run_first(self, fn: Callable[..., T], *args: Any) -> T:
         """Run other torch work (loading, the probe) on the first forward thread.
 

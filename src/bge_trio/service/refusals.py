@@ -44,6 +44,15 @@ def refusal(exc: Exception, failed: bool) -> ServiceError | None:
             retry_after_s=exc.retry_after_s,
             code="queue_full",
         )
+    if isinstance(exc, TooSlowError) and exc.index is None:
+        return TooLarge(
+            f"this request's {exc.texts} texts ({exc.tokens} tokens) would take about "
+            f"{exc.estimate_s:.0f} s at this server's measured pace even on an idle server, "
+            f"more than the request deadline of {exc.deadline_s:g} s. Send them in several "
+            "smaller requests, or raise BGE_TRIO_REQUEST_TIMEOUT_S",
+            param="input",
+            code="request_too_slow_for_deadline",
+        )
     if isinstance(exc, TooSlowError):
         return TooLarge(
             f"input[{exc.index}] has {exc.tokens} tokens; at this server's measured pace it "
