@@ -31,12 +31,12 @@ def measure(model: str, allocator: str, caps: list[int], repeats: int) -> dict[s
     """Runs in a process of its own: tokens/s per cap, ``repeats`` runs each."""
     from benchmarks.load import ideal, load_corpus
     from bge_trio.cgroups import cpu_count
-    from bge_trio.model.encoder import Encoder
+    from bge_trio.model.loading import load_encoder
     from bge_trio.model.source import resolve_model
     from bge_trio.process import prepare_process
 
     prepare_process(allocator)  # type: ignore[arg-type]
-    encoder = Encoder.load(resolve_model(model), dtype="fp32", threads=cpu_count())
+    encoder = load_encoder(resolve_model(model), dtype="fp32", threads=cpu_count())
     texts = [row["text"] for row in load_corpus()]
     runs: dict[str, list[float]] = {str(cap): [] for cap in caps}
     for _ in range(repeats):  # interleaved, so a drift in the machine's speed hits every cap

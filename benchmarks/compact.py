@@ -44,6 +44,7 @@ from bge_trio.api.encoding import encode_matrix, encode_vector
 from bge_trio.api.schemas import EncodingFormat
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.encoder import Encoder, Output
+from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import resolve_model
 from bge_trio.process import prepare_process
 from bge_trio.testing import build_full_m3, build_tiny_m3
@@ -80,7 +81,7 @@ def _recall_at_10(truth: F32, scores: F32) -> float:
 
 
 def dense_quality(queries: list[str], passages: list[str]) -> dict[str, Any]:
-    encoder = Encoder.load(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
+    encoder = load_encoder(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
     q = np.stack([e.dense for e in _embed(encoder, queries, frozenset({"dense"}))])
     p = np.stack([e.dense for e in _embed(encoder, passages, frozenset({"dense"}))])
     truth = q @ p.T
@@ -102,7 +103,7 @@ def _colbert(queries: list[F32], passages: list[F32]) -> F32:
 
 def colbert_quality(queries: list[str], passages: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        encoder = Encoder.load(
+        encoder = load_encoder(
             resolve_model(str(build_tiny_m3(Path(tmp)))), dtype="fp32", threads=cpu_count()
         )
         q = [e.colbert for e in _embed(encoder, queries, frozenset({"colbert"}))]
@@ -136,7 +137,7 @@ def document_size(tokens: int) -> dict[str, Any]:
     model = MODELS / "bge-m3-standin"
     if not (model / "model.safetensors").exists():
         build_full_m3(model)
-    encoder = Encoder.load(resolve_model(str(model)), dtype="fp32", threads=cpu_count())
+    encoder = load_encoder(resolve_model(str(model)), dtype="fp32", threads=cpu_count())
     text = " ".join(row["text"] for row in load_corpus())
     ids = encoder.truncate(encoder.tokenize([text * 4])[0], tokens)
     start = time.perf_counter()

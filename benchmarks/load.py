@@ -37,7 +37,7 @@ import trio
 from benchmarks.docs import DOCS, write_block
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.encoder import Encoder
-from bge_trio.model.loading import bf16_supported
+from bge_trio.model.loading import bf16_supported, load_encoder
 from bge_trio.model.source import resolve_model
 from bge_trio.process import prepare_process
 
@@ -277,7 +277,7 @@ def main() -> None:
     prepare_process("predictable")  # as the server does
     source = resolve_model(args.model)
     threads = cpu_count()
-    encoders = {d: Encoder.load(source, dtype=d, threads=threads) for d in dtypes}
+    encoders = {d: load_encoder(source, dtype=d, threads=threads) for d in dtypes}
     report: dict[str, Any] = {
         "machine": {
             "cpu": _cpu_name(),
@@ -359,7 +359,7 @@ def compare_workers(model: str, texts: list[str], seconds: float) -> list[dict[s
     cores = cpu_count()
     for workers in sorted({1, cores}):
         threads = max(1, cores // workers)
-        encoder = Encoder.load(resolve_model(model), dtype="fp32", threads=threads)
+        encoder = load_encoder(resolve_model(model), dtype="fp32", threads=threads)
         before = ideal(encoder, texts, workers=workers)
         row: dict[str, Any] = {"workers": workers, "threads": threads}
         with tempfile.TemporaryDirectory() as cache:
@@ -390,9 +390,9 @@ def m3_heads_quality(dtypes: list[str]) -> dict[str, Any]:
     texts = [row["text"] for row in load_corpus()][:64]
     with tempfile.TemporaryDirectory() as directory:
         source = resolve_model(str(build_tiny_m3(Path(directory))))
-        reference = Encoder.load(source, dtype="fp32", threads=cpu_count())
+        reference = load_encoder(source, dtype="fp32", threads=cpu_count())
         return {
-            d: quality(reference, Encoder.load(source, dtype=d, threads=cpu_count()), texts)
+            d: quality(reference, load_encoder(source, dtype=d, threads=cpu_count()), texts)
             for d in dtypes
             if d != "fp32"
         }

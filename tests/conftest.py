@@ -24,9 +24,11 @@ from hypercorn.trio import serve
 
 from bge_trio.app import create_app
 from bge_trio.config import Settings
-from bge_trio.model.encoder import Encoder
+from bge_trio.engine import Engine
+from bge_trio.model.encoder import Encoder, ModelInfo
+from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
-from bge_trio.service import EmbeddingService
+from bge_trio.scheduler.scheduler import Scheduler, SchedulerStatistics
 from bge_trio.testing import build_tiny_m3
 from tests.reference import ReferenceM3
 
@@ -44,7 +46,7 @@ def reference(tiny_model_dir: Path) -> ReferenceM3:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir: Path) -> Encoder:
-    return Encoder.load(resolve_model(str(tiny_model_dir)), dtype="fp32", threads=1)
+    return load_encoder(resolve_model(str(tiny_model_dir)), dtype="fp32", threads=1)
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +76,28 @@ def settings_for(tmp_path: Path) -> SettingsFactory:
 class Server:
     url: str
     client: httpx.AsyncClient
-    service: EmbeddingService
+    engine: Engine  # the app's engine (one model)
     service_app: Any
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The engine's scheduler (the model is loaded)."""
+        scheduler = self.engine.scheduler
+        assert scheduler is not None
+        return scheduler
+
+    @property
+    def info(self) -> ModelInfo:
+        """The served model's description (it is loaded)."""
+        info = self.engine.info
+        assert info is not None
+        return info
+
+    def stats(self) -> SchedulerStatistics:
+        """The scheduler's statistics (the model is loaded)."""
+        stats = self.engine.statistics().scheduler
+        assert stats is not None
+        return stats
 
 
 async def wait_ready(client: httpx.AsyncClient) -> None:
@@ -103,7 +125,7 @@ async def running_server(
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             if ready:
                 await wait_ready(client)
-            yield Server(url, client, app.extensions["bge_trio"], app)
+            yield Server(url, client, app.extensions["bge_trio"].default, app)
         stop.set()
 
 

@@ -76,6 +76,6 @@ async def test_the_pace_is_known_when_the_server_is_ready_without_a_probe(
     """Where no probe timed passes (``BGE_TRIO_PROBE=off``), startup times a few itself:
     the first request is judged at a measured pace, not admitted blind."""
     async with running_server(settings_for(tiny_model_dir, probe="off")) as server:
-        statistics = server.service.scheduler.statistics()
+        statistics = server.stats()
         assert statistics.pace_curve is not None
         assert statistics.forwarded_items == 0  # known before any request ran

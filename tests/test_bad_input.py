@@ -226,7 +226,7 @@ async def test_text_too_large_for_the_memory_budget(
     long_input = "truncate" if truncate else "error"
     async with running_server(settings_for(tiny_model_dir, long_input=long_input)) as server:
         # the budget shrinks below what a 10-token text needs (a = 1 byte per token)
-        server.service.scheduler.set_policy(BatchPolicy(CostModel(1.0, 0.0), 10.0))
+        server.scheduler.set_policy(BatchPolicy(CostModel(1.0, 0.0), 10.0))
         text = "the quick brown fox jumps over the lazy dog"
         tokens = len(reference.ids(text))
         assert tokens > 10

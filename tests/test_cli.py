@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -164,7 +165,13 @@ def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Pat
         threads = [threading.Thread(target=client) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.5)  # all sent, most still queued behind one worker
+        # until every request is in the server's hands (most queued behind one worker): one
+        # that arrives after the signal is new work, refused
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            health = httpx.get(server.url + "/health").json()
+            if health.get("requests_in_flight", 0) + len(results) >= 8:
+                break
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         for t in threads:
@@ -244,3 +251,48 @@ def _wait_all_healthy(client: httpx.Client) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_probe_serve_and_embed_run_one_startup_and_plan_alike(tmp_path: Path) -> None:
+    """``bge-trio probe`` writes the probe cache; a server and ``bge-trio embed`` with the
+    same settings run the same startup sequence, find that entry and plan with the cost
+    model the probe printed."""
+    env = env_for(tmp_path, dtype="fp32", BGE_TRIO_PROBE="auto", BGE_TRIO_MAX_SEQ_LENGTH="128")
+    probed = subprocess.run(
+        [*bge_trio(), "probe", "--model", "bundled"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert probed.returncode == 0, probed.stderr
+    fit = re.search(
+        r"fit: a = ([\d.]+) bytes/token, b = ([\d.]+) bytes/token\^2, c = (\d+) bytes/pass",
+        probed.stdout,
+    )
+    assert fit is not None, probed.stdout
+    printed = [float(value) for value in fit.groups()]
+    command = [*bge_trio(), "serve", "--model", "bundled", "--port", "0"]
+    with serving(command, env) as server:
+        health = httpx.get(server.url + "/health").json()
+    served = [
+        health[f"cost_{t}"] for t in ("a_bytes_per_token", "b_bytes_per_token2", "c_bytes_per_pass")
+    ]
+    assert health["probe_status"] == "cache_hit"
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text('{"id": 1, "text": "a cat"}\n')
+    embedded = subprocess.run(
+        [*bge_trio(), "embed", str(corpus), str(tmp_path / "out"), "--model", "bundled"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert embedded.returncode == 0, embedded.stderr
+    memory = json.loads((tmp_path / "out" / "_manifest.json").read_text())["memory"]
+    assert memory["probe_status"] == "cache_hit"
+    planned = [
+        memory[f"cost_{t}"] for t in ("a_bytes_per_token", "b_bytes_per_token2", "c_bytes_per_pass")
+    ]
+    assert planned == served
+    assert served == pytest.approx(printed, abs=0.5)  # as printed: to 0.1, 0.001 and 1

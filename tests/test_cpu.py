@@ -101,5 +101,5 @@ async def test_the_server_runs_the_quota_s_threads_and_says_why(
         assert cpu["threads"] == 1
         assert cpu["cpus"] == 1.0
         assert cpu["source"].endswith("pod/cpu.max")
-        threads = await server.service.forward_threads.run_first(torch.get_num_threads)
+        threads = await server.engine.forward_threads.run_first(torch.get_num_threads)
         assert threads == 1

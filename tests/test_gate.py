@@ -15,6 +15,7 @@ from bge_trio.memory.cost import CostModel
 from bge_trio.memory.plan import MemoryPlan
 from bge_trio.memory.probe import Progress
 from bge_trio.model.encoder import Encoder
+from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.gate import Gate
 from tests.conftest import running_server
@@ -61,13 +62,13 @@ async def test_request_during_probe_waits_then_succeeds(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request)
             for _ in range(1000):  # until the request is queued behind the closed gate
-                if server.service.scheduler.statistics().queued_items:
+                if server.stats().queued_items:
                     break
                 await trio.sleep(0.01)
-            assert server.service.scheduler.statistics().queued_items == 1  # it arrived...
+            assert server.stats().queued_items == 1  # it arrived...
             await trio.sleep(0.2)
             assert answers == []  # ...and is held at the gate
-            assert server.service.scheduler.statistics().forwarded_items == 0
+            assert server.stats().forwarded_items == 0
             probe.release.set()
         assert answers == [200]
         health = await server.client.get("/health")
@@ -115,7 +116,7 @@ async def test_the_startup_wait_is_one_wait_from_arrival_through_loading_and_pro
 
     def slow_load(source: ModelSource, **kwargs: Any) -> Encoder:
         assert loaded.wait(timeout=30)
-        return Encoder.load(source, **kwargs)
+        return load_encoder(source, **kwargs)
 
     wait_s = 1.0
     settings = settings_for(tiny_model_dir, startup_wait_s=wait_s)
@@ -145,7 +146,7 @@ async def test_memory_too_small_fails_startup_clearly(
     settings = settings_for(tiny_model_dir, memory_limit_bytes=1 << 20, memory_headroom_bytes=0)
     async with running_server(settings, ready=False) as server:
         with trio.fail_after(30):
-            await server.service.failed.wait()
+            await server.engine.failed.wait()
         health = await server.client.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "error"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
+from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.batching import BatchPolicy
 from tests.conftest import Server, running_server, wait_ready
@@ -45,7 +46,7 @@ async def test_overload_is_429_with_retry_after_and_no_5xx(
             for _ in range(2):  # 8 texts: the queue is full
                 nursery.start_soon(client, ["four texts"] * 4)
             with trio.fail_after(30):
-                while server.service.scheduler.statistics().queued_items < 8:  # noqa: ASYNC110 - a counter
+                while server.stats().queued_items < 8:  # noqa: ASYNC110 - a counter
                     await trio.sleep(0.01)
             await client(["one more text"])  # a single text is refused like a batch
             await client(["a"] * 3)
@@ -76,7 +77,7 @@ async def test_flood_sheds_load_without_errors(tiny_model_dir: Path, settings_fo
         assert 200 in statuses
         assert 429 in statuses
         assert (await server.client.get("/health")).status_code == 200
-        assert server.service.scheduler.statistics().queued_items == 0
+        assert server.stats().queued_items == 0
 
 
 async def test_deadline_passes_and_texts_never_reach_the_model(
@@ -93,7 +94,7 @@ async def test_deadline_passes_and_texts_never_reach_the_model(
         await wait_ready(server.client)
         r = await server.client.post("/v1/embeddings", json={"input": "marker"})
         assert r.status_code == 200
-        assert server.service.scheduler.statistics().forwarded_items == 1
+        assert server.stats().forwarded_items == 1
 
 
 async def test_disconnected_client_texts_are_dropped(
@@ -111,7 +112,7 @@ async def test_disconnected_client_texts_are_dropped(
         await wait_ready(server.client)
         r = await server.client.post("/v1/embeddings", json={"input": "marker"})
         assert r.status_code == 200
-        assert server.service.scheduler.statistics().forwarded_items == 1
+        assert server.stats().forwarded_items == 1
 
 
 class FaultyEncoder(Encoder):
@@ -129,7 +130,7 @@ class FaultyEncoder(Encoder):
 
 
 def load_faulty(source: ModelSource, **kwargs: Any) -> Encoder:
-    real = Encoder.load(source, **kwargs)
+    real = load_encoder(source, **kwargs)
     return FaultyEncoder(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
 
 
@@ -170,12 +171,12 @@ async def test_a_crashed_scheduler_answers_and_reports(
     tiny_model_dir: Path, settings_for: Any
 ) -> None:
     async with running_server(settings_for(tiny_model_dir)) as server:
-        given = server.service.scheduler.given_policy
-        server.service.scheduler.set_policy(ExplodingPolicy(given.cost, given.workspace_bytes))
+        given = server.scheduler.given_policy
+        server.scheduler.set_policy(ExplodingPolicy(given.cost, given.workspace_bytes))
         r = await server.client.post("/v1/embeddings", json={"input": ["a", "b"]})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "server_failed"
-        assert server.service.failed.is_set()
+        assert server.engine.failed.is_set()
         health = await server.client.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "error"
@@ -228,13 +229,14 @@ async def test_metrics_parse_and_move(tiny_server: Server) -> None:
     assert after[key] - before.get(key, 0.0) == 3
     bad = ("bge_trio_requests_total", (("route", "/v1/embeddings"), ("status", "400")))
     assert after[bad] - before.get(bad, 0.0) == 1
-    assert after[("bge_trio_batch_size_count", ())] > before.get(
-        ("bge_trio_batch_size_count", ()), 0
-    )
-    assert after[("bge_trio_cost_a_bytes_per_token", ())] == 16384.0
-    assert after[("bge_trio_probe_status", (("status", "disabled"),))] == 1.0
+    # what belongs to the served model carries its name
+    model = (("model", tiny_server.engine.name),)
+    batches = ("bge_trio_batch_size_count", model)
+    assert after[batches] > before.get(batches, 0)
+    assert after[("bge_trio_cost_a_bytes_per_token", model)] == 16384.0
+    assert after[("bge_trio_probe_status", (*model, ("status", "disabled")))] == 1.0
     assert after[("bge_trio_process_resident_bytes", ())] > 0
-    assert ("bge_trio_queued_items", ()) in after
+    assert ("bge_trio_queued_items", model) in after
 
 
 async def test_openapi_document_matches_the_routes(tiny_server: Server) -> None:
@@ -373,7 +375,7 @@ async def test_all_torch_work_runs_on_the_forward_thread(
 
     def load(source: ModelSource, **kwargs: Any) -> Encoder:
         threads.append(threading.current_thread().name)
-        real = Encoder.load(source, **kwargs)
+        real = load_encoder(source, **kwargs)
         return RecordingEncoder(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
 
     settings = settings_for(tiny_model_dir, probe="auto")
@@ -409,8 +411,8 @@ async def test_openapi_document_states_this_servers_limits_and_the_server_keeps_
     tiny_server: Server,
 ) -> None:
     doc = (await tiny_server.client.get("/openapi.json")).json()
-    info = tiny_server.service.info
-    settings = tiny_server.service.settings
+    info = tiny_server.info
+    settings = tiny_server.engine.settings
     embeddings = doc["paths"]["/v1/embeddings"]["post"]
     fields = embeddings["requestBody"]["content"]["application/json"]["schema"]["properties"]
     dims = fields["dimensions"]["anyOf"][0]

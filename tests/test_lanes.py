@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import trio
 
+from bge_trio.errors import Overloaded, TooSlow
 from bge_trio.memory.cost import CostModel
 from bge_trio.model.encoder import (
     DENSE,
@@ -26,9 +27,8 @@ from bge_trio.model.encoder import (
     PassAbandoned,
 )
 from bge_trio.scheduler.batching import BatchPolicy
-from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.lanes import plan_lanes
-from bge_trio.scheduler.scheduler import QueueFullError, Scheduler, TooSlowError
+from bge_trio.scheduler.scheduler import Scheduler
 from tests.conftest import running_server
 from tests.reference import ReferenceM3
 
@@ -95,17 +95,16 @@ def _text(length: int, seed: int = 0) -> list[int]:
 
 
 def _scheduler(model: LayeredModel, express_tokens: int = 16, **kwargs: float) -> Scheduler:
-    gate = Gate(1)
-    gate.open()
-    return Scheduler(
+    scheduler = Scheduler(
         model,
-        gate,
         POLICY,
         lanes=plan_lanes(2, None, express_tokens=express_tokens),
         batch_wait_s=0.0,
         threads=model.record_threads,
         **kwargs,  # type: ignore[arg-type]
     )
+    scheduler.open()
+    return scheduler
 
 
 async def test_short_texts_overtake_a_long_pass_on_the_express_lane(
@@ -124,7 +123,7 @@ async def test_short_texts_overtake_a_long_pass_on_the_express_lane(
         nursery.start_soon(long_request)
         await trio.to_thread.run_sync(model.long_started.wait)
         for seed in range(3):  # one after another, all while the long pass is held
-            (result,) = await scheduler.submit([_text(SHORT, seed)], DENSE)
+            (result,) = (await scheduler.submit([_text(SHORT, seed)], DENSE)).results
             assert result.dense is not None
         assert not long_done.is_set()
         model.let_go()
@@ -214,7 +213,7 @@ async def test_a_pass_nobody_waits_for_stops_at_the_next_layer(tiny_encoder: Enc
             await scheduler.submit([_text(LONG)], DENSE)
         await trio.to_thread.run_sync(model.stopped.wait)
         assert model.layers_run == [1]  # the first layer was under way; no other ran
-        (after,) = await scheduler.submit([_text(LONG, 2)], DENSE)  # the worker is free
+        (after,) = (await scheduler.submit([_text(LONG, 2)], DENSE)).results  # the worker is free
         assert after.dense is not None
         assert scheduler.statistics().passes_stopped_early == 1
         assert scheduler.statistics().consecutive_failures == 0  # not a failure
@@ -234,7 +233,7 @@ async def test_a_text_that_cannot_finish_in_time_is_refused_before_it_runs(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
-        with pytest.raises(TooSlowError) as refused:
+        with pytest.raises(TooSlow) as refused:
             await scheduler.submit([_text(SHORT), _text(1500)], DENSE)
         assert refused.value.index == 1
         assert refused.value.estimate_s == pytest.approx(0.01 + 1500 * (0.001 + 1.5e-3), rel=0.01)
@@ -261,23 +260,22 @@ async def test_a_short_query_is_not_refused_for_the_long_work_queued(
         await trio.sleep(0.1)
         assert scheduler.statistics().queued_items == 2
         # the running pass, two queued and itself: ~2.2 s, past 90 % of the 2 s deadline
-        with pytest.raises(QueueFullError) as full:
+        with pytest.raises(Overloaded) as full:
             await scheduler.submit([_text(400, 9)], DENSE)
         assert full.value.retry_after_s >= 1
-        (short,) = await scheduler.submit([_text(SHORT)], DENSE)  # the express lane
+        (short,) = (await scheduler.submit([_text(SHORT)], DENSE)).results  # the express lane
         assert short.dense is not None
         model.let_go()
         nursery.cancel_scope.cancel()
 
 
 def test_the_express_lane_shuts_where_its_memory_would_crowd_regular_passes() -> None:
-    gate = Gate(1)
     lanes = plan_lanes(2, None, express_tokens=256)
-    roomy = Scheduler(lambda *_: [], gate, BatchPolicy(CostModel(10.0, 0.0), 1e6), lanes=lanes)
+    roomy = Scheduler(lambda *_: [], BatchPolicy(CostModel(10.0, 0.0), 1e6), lanes=lanes)
     assert roomy.express_policy is not None
     assert roomy.express_policy.workspace_bytes == 2560
     assert roomy.policy.workspace_bytes == 1e6 - 2560  # set aside from regular passes
-    tight = Scheduler(lambda *_: [], gate, BatchPolicy(CostModel(10.0, 0.0), 20_000), lanes=lanes)
+    tight = Scheduler(lambda *_: [], BatchPolicy(CostModel(10.0, 0.0), 20_000), lanes=lanes)
     assert tight.express_policy is None
     assert tight.policy.workspace_bytes == 20_000
 
@@ -302,7 +300,7 @@ async def test_the_server_refuses_a_text_it_cannot_finish_in_time_with_the_estim
     settings = settings_for(tiny_model_dir, request_timeout_s=2.0)
     async with running_server(settings) as server:
         # as the probe's timed passes (or earlier traffic) would have taught it
-        server.service.scheduler.seed_pace(
+        server.scheduler.seed_pace(
             (b, s, 0.01 + b * s * (0.001 + 1e-5 * s)) for b, s in [(1, 40), (4, 100), (1, 400)] * 4
         )
         text = " ".join(["word"] * 300)

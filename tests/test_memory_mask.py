@@ -8,6 +8,7 @@ import torch
 from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import Encoder
+from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
 
 
@@ -34,7 +35,7 @@ def _padded_batch(
 def test_the_served_mask_gives_the_vectors_of_transformers_own_mask(
     bundled_source: ModelSource, tiny_encoder: Encoder
 ) -> None:
-    for encoder in (Encoder.load(bundled_source, dtype="fp32", threads=2), tiny_encoder):
+    for encoder in (load_encoder(bundled_source, dtype="fp32", threads=2), tiny_encoder):
         texts, ids, mask = _padded_batch(encoder, 5, 64)
         reference = _hidden(encoder, ids, mask)  # transformers expands it to (B, 1, S, S)
         served = encoder.forward(texts)

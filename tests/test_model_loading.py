@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bge_trio.model.encoder import Encoder, ModelConfigError
+from bge_trio.model.encoder import ModelConfigError
+from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import resolve_model
 from tests.conftest import running_server
 from tests.reference import ReferenceM3
@@ -32,7 +33,7 @@ def test_a_missing_layer_weight_is_a_startup_error_naming_it(
     key = "encoder.layer.1.attention.self.query.weight"
     broken = _copy_with(tiny_model_dir, tmp_path / "broken", lambda w: w.pop(key))
     with pytest.raises(ModelConfigError, match="lacks 1 weight") as error:
-        Encoder.load(resolve_model(str(broken)), dtype="fp32")
+        load_encoder(resolve_model(str(broken)), dtype="fp32")
     assert key in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -43,7 +44,7 @@ def test_a_weight_of_the_wrong_shape_is_refused(tiny_model_dir: Path, tmp_path: 
         tiny_model_dir, tmp_path / "shape", lambda w: w.__setitem__(key, torch.zeros(3))
     )
     with pytest.raises(ModelConfigError, match=key.replace(".", r"\.")):
-        Encoder.load(resolve_model(str(broken)), dtype="fp32")
+        load_encoder(resolve_model(str(broken)), dtype="fp32")
 
 
 def test_the_unused_pooler_may_be_absent_and_extra_weights_are_named(
@@ -53,7 +54,7 @@ def test_the_unused_pooler_may_be_absent_and_extra_weights_are_named(
         tiny_model_dir, tmp_path / "extra", lambda w: w.__setitem__("lm_head.bias", torch.ones(4))
     )
     with caplog.at_level(logging.INFO, logger="bge_trio.model.encoder"):
-        encoder = Encoder.load(resolve_model(str(extra)), dtype="fp32")
+        encoder = load_encoder(resolve_model(str(extra)), dtype="fp32")
     # the weights it has are the model's own: the same vectors as the original checkpoint
     (served,) = encoder.forward(encoder.tokenize(["still fine"]))
     (expected,) = reference.encode(["still fine"])
@@ -69,7 +70,7 @@ async def test_the_server_reports_the_broken_checkpoint_on_health(
     key = "embeddings.word_embeddings.weight"
     broken = _copy_with(tiny_model_dir, tmp_path / "no-embeddings", lambda w: w.pop(key))
     async with running_server(settings_for(broken), ready=False) as server:
-        await server.service.failed.wait()
+        await server.engine.failed.wait()
         health = await server.client.get("/health")
     assert health.status_code == 503
     assert health.json()["status"] == "error"

@@ -28,7 +28,7 @@ async def test_dense_matches_reference(tiny_server: Server, reference: Reference
     assert_dense_answer(r, reference, TEXTS)
     body = r.json()
     assert body["object"] == "list"
-    assert body["model"] == tiny_server.service.info.name
+    assert body["model"] == tiny_server.engine.name
 
 
 async def test_sparse_matches_reference(tiny_server: Server, reference: ReferenceM3) -> None:
@@ -131,7 +131,7 @@ async def test_models_health_live_info(tiny_server: Server) -> None:
     client = tiny_server.client
     models = (await client.get("/v1/models")).json()
     (model,) = models["data"]
-    assert model["id"] == tiny_server.service.info.name
+    assert model["id"] == tiny_server.engine.name
     assert model["dimension"] == 32
     assert model["max_seq_length"] == 512
     assert model["outputs"] == ["colbert", "dense", "sparse"]

@@ -38,7 +38,7 @@ async def test_rerank_ranks_by_the_hybrid_score_of_v1_score(tiny_server: Server)
     answer = await _rerank(tiny_server, documents=DOCUMENTS)
     assert answer["object"] == "rerank"
     assert answer["id"].startswith("rerank-")
-    assert answer["model"] == tiny_server.service.info.name
+    assert answer["model"] == tiny_server.engine.name
     results = answer["results"]
     assert [r["index"] for r in results] == [s["index"] for s in scored]
     for result, want in zip(results, scored, strict=True):

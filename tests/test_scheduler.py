@@ -6,6 +6,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,12 +14,13 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bge_trio.errors import BatchFailed
 from bge_trio.memory.cost import CostModel
 from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import DENSE, BetweenLayers, Embedding, Encoder, Output
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
-from bge_trio.scheduler.gate import Gate
-from bge_trio.scheduler.scheduler import BatchFailedError, Scheduler
+from bge_trio.scheduler.lanes import plan_lanes
+from bge_trio.scheduler.scheduler import Runner, Scheduler
 
 
 class RecordingModel:
@@ -47,6 +49,18 @@ def _text(rng: np.random.Generator, length: int) -> list[int]:
     return [0, *rng.integers(5, 100, size=max(0, length - 2)).tolist(), 2][:length]
 
 
+def _scheduler(
+    runner: Runner, *, workers: int = 1, opened: bool = False, **kwargs: Any
+) -> Scheduler:
+    """A scheduler of ``workers`` regular workers and no express lane (its gate closed
+    unless ``opened``)."""
+    lanes = plan_lanes(workers, workers, express_tokens=0)
+    scheduler = Scheduler(runner, lanes=lanes, **kwargs)
+    if opened:
+        scheduler.open()
+    return scheduler
+
+
 def token_policy(tokens: int) -> BatchPolicy:
     """A budget of exactly ``tokens`` padded tokens per batch (a = 1 byte, b = 0)."""
     return BatchPolicy(CostModel(1.0, 0.0), float(tokens))
@@ -69,16 +83,15 @@ def test_batches_fit_and_every_text_is_answered_once_in_order(
     results: dict[int, list[Embedding]] = {}
 
     async def main() -> None:
-        gate = Gate(workers)
-        scheduler = Scheduler(model, gate, policy, batch_wait_s=0.001)
+        scheduler = _scheduler(model, workers=workers, policy=policy, batch_wait_s=0.001)
         async with trio.open_nursery() as nursery:
             await nursery.start(scheduler.run)
-            gate.open()
+            scheduler.open()
             async with trio.open_nursery() as clients:
                 for i, request in enumerate(requests):
 
                     async def one(i: int = i, request: list[list[int]] = request) -> None:
-                        results[i] = await scheduler.submit(request, DENSE)
+                        results[i] = (await scheduler.submit(request, DENSE)).results
 
                     clients.start_soon(one)
             nursery.cancel_scope.cancel()
@@ -97,8 +110,7 @@ def test_batches_fit_and_every_text_is_answered_once_in_order(
 
 async def test_cancelled_requests_never_reach_the_model(tiny_encoder: Encoder) -> None:
     model = RecordingModel(tiny_encoder)
-    gate = Gate(1)
-    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    scheduler = _scheduler(model, workers=1, policy=token_policy(10_000), batch_wait_s=0.0)
     abandoned = [[0, 77, 77, 77, 2], [0, 78, 78, 2]]
     kept = [[0, 5, 6, 2]]
     async with trio.open_nursery() as nursery:
@@ -109,12 +121,12 @@ async def test_cancelled_requests_never_reach_the_model(tiny_encoder: Encoder) -
         answered = trio.Event()
 
         async def survivor() -> None:
-            results.extend(await scheduler.submit(kept, DENSE))
+            results.extend((await scheduler.submit(kept, DENSE)).results)
             answered.set()
 
         nursery.start_soon(survivor)
         await trio.sleep(0.05)
-        gate.open()
+        scheduler.open()
         with trio.fail_after(10):
             await answered.wait()
         nursery.cancel_scope.cancel()
@@ -124,8 +136,7 @@ async def test_cancelled_requests_never_reach_the_model(tiny_encoder: Encoder) -
 
 async def test_concurrent_requests_share_batches(tiny_encoder: Encoder) -> None:
     model = RecordingModel(tiny_encoder)
-    gate = Gate(1)
-    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    scheduler = _scheduler(model, workers=1, policy=token_policy(10_000), batch_wait_s=0.0)
     requests = [[[0, 10 + r, 20 + i, 2] for i in range(2)] for r in range(3)]
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
@@ -133,7 +144,7 @@ async def test_concurrent_requests_share_batches(tiny_encoder: Encoder) -> None:
             for request in requests:
                 clients.start_soon(scheduler.submit, request, DENSE)
             await trio.sleep(0.05)  # all queued behind the closed gate
-            gate.open()
+            scheduler.open()
         nursery.cancel_scope.cancel()
     assert len(model.batches) == 1
     assert len(model.batches[0]) == 6
@@ -149,15 +160,15 @@ async def test_a_failing_batch_fails_only_its_requests(tiny_encoder: Encoder) ->
             raise RuntimeError("bad batch")
         return tiny_encoder.forward(batch, outputs)
 
-    gate = Gate(1)
-    gate.open()
-    scheduler = Scheduler(flaky, gate, token_policy(10_000), batch_wait_s=0.0)
+    scheduler = _scheduler(
+        flaky, workers=1, opened=True, policy=token_policy(10_000), batch_wait_s=0.0
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
-        with pytest.raises(BatchFailedError, match="forward pass failed"):
+        with pytest.raises(BatchFailed, match="forward pass failed"):
             await scheduler.submit([list(poison)], DENSE)
         ok = await scheduler.submit([[0, 5, 2]], DENSE)
-        assert len(ok) == 1
+        assert len(ok.results) == 1
         nursery.cancel_scope.cancel()
 
 
@@ -183,9 +194,13 @@ def test_plan_includes_the_oldest_and_fits(
 
 
 async def test_a_batch_does_not_wait_when_nobody_is_coming(tiny_encoder: Encoder) -> None:
-    gate = Gate(1)
-    gate.open()
-    scheduler = Scheduler(RecordingModel(tiny_encoder), gate, token_policy(10_000), batch_wait_s=30)
+    scheduler = _scheduler(
+        RecordingModel(tiny_encoder),
+        workers=1,
+        opened=True,
+        policy=token_policy(10_000),
+        batch_wait_s=30,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         with trio.fail_after(10):  # far less than the 30 s batch wait
@@ -195,9 +210,9 @@ async def test_a_batch_does_not_wait_when_nobody_is_coming(tiny_encoder: Encoder
 
 async def test_a_batch_waits_for_requests_still_being_tokenised(tiny_encoder: Encoder) -> None:
     model = RecordingModel(tiny_encoder)
-    gate = Gate(1)
-    gate.open()
-    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=30)
+    scheduler = _scheduler(
+        model, workers=1, opened=True, policy=token_policy(10_000), batch_wait_s=30
+    )
     first, second = [[0, 5, 6, 2]], [[0, 7, 8, 2]]
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
@@ -218,8 +233,7 @@ async def test_a_batch_waits_for_requests_still_being_tokenised(tiny_encoder: En
 
 async def test_short_texts_do_not_ride_padded_with_a_long_one(tiny_encoder: Encoder) -> None:
     model = RecordingModel(tiny_encoder)
-    gate = Gate(1)
-    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    scheduler = _scheduler(model, workers=1, policy=token_policy(10_000), batch_wait_s=0.0)
     rng = np.random.default_rng(0)
     long, short = [_text(rng, 200)], [_text(rng, n) for n in (5, 6, 7)]
     async with trio.open_nursery() as nursery:
@@ -229,7 +243,7 @@ async def test_short_texts_do_not_ride_padded_with_a_long_one(tiny_encoder: Enco
             await trio.sleep(0.05)
             clients.start_soon(scheduler.submit, short, DENSE)
             await trio.sleep(0.05)  # both queued behind the closed gate
-            gate.open()
+            scheduler.open()
         nursery.cancel_scope.cancel()
     # the budget would fit all four in one pass; the padding would cost ~580 tokens
     assert [len(batch) for batch in model.batches] == [1, 3]
@@ -237,10 +251,10 @@ async def test_short_texts_do_not_ride_padded_with_a_long_one(tiny_encoder: Enco
 
 
 async def test_a_request_s_texts_reach_one_pass_together(tiny_encoder: Encoder) -> None:
-    gate = Gate(1)
-    gate.open()
     model = RecordingModel(tiny_encoder)
-    scheduler = Scheduler(model, gate, token_policy(10_000), batch_wait_s=0.0)
+    scheduler = _scheduler(
+        model, workers=1, opened=True, policy=token_policy(10_000), batch_wait_s=0.0
+    )
     rng = np.random.default_rng(3)
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
@@ -250,23 +264,23 @@ async def test_a_request_s_texts_reach_one_pass_together(tiny_encoder: Encoder) 
 
 
 async def test_only_a_pass_that_ran_alone_is_measured(tiny_encoder: Encoder) -> None:
-    gate = Gate(2)
-    gate.open()
-    peaks: list[tuple[int, int, int]] = []
     model = SlowModel(tiny_encoder)
-    scheduler = Scheduler(
+    scheduler = _scheduler(
         model,
-        gate,
-        token_policy(10_000),
+        workers=2,
+        opened=True,
+        policy=token_policy(10_000),
         batch_wait_s=0.0,
         meter=PeakMeter("vmhwm"),
-        on_peak=lambda batch, seq, peak: peaks.append((batch, seq, peak)),
     )
     rng = np.random.default_rng(4)
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         await scheduler.submit([_text(rng, 8)], DENSE)  # alone: measured
-        assert [p[:2] for p in peaks] == [(1, 8)]
+        measured = scheduler.statistics().last_measured
+        assert measured is not None
+        assert (measured.batch, measured.seq) == (1, 8)
+        assert measured.bytes > 0
         async with trio.open_nursery() as clients:
             # a long pass on one worker, and a short one inside it on the other
             clients.start_soon(scheduler.submit, [_text(rng, 48)], DENSE)
@@ -274,7 +288,9 @@ async def test_only_a_pass_that_ran_alone_is_measured(tiny_encoder: Encoder) -> 
             clients.start_soon(scheduler.submit, [_text(rng, 16)], DENSE)
         nursery.cancel_scope.cancel()
     assert len(model.batches) == 3
-    assert [p[:2] for p in peaks] == [(1, 8)]  # neither overlapping pass was measured
+    # neither overlapping pass was measured
+    assert scheduler.statistics().passes_measured == 1
+    assert scheduler.statistics().last_measured == measured
 
 
 class SlowModel(RecordingModel):

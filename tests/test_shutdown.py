@@ -209,7 +209,7 @@ async def test_draining_turns_readiness_off_keeps_liveness_and_refuses_new_work(
 ) -> None:
     client = tiny_server.client
     assert (await client.post("/v1/embeddings", json={"input": "before"})).status_code == 200
-    tiny_server.service.begin_shutdown(30.0)
+    tiny_server.engine.begin_shutdown(30.0)
     health = await client.get("/health")
     assert health.status_code == 503
     assert health.json()["status"] == "draining"
@@ -247,13 +247,13 @@ async def test_requests_waiting_at_the_closed_gate_are_answered_when_shutdown_be
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request)
-            await _until(lambda: server.service.scheduler.statistics().queued_items, 10)
-            server.service.begin_shutdown(30.0)
+            await _until(lambda: server.stats().queued_items, 10)
+            server.engine.begin_shutdown(30.0)
             await _until(lambda: answers, 2)  # long before the 60 s startup wait
             probe.release.set()
         assert answers[0].status_code == 503
         assert answers[0].json()["error"]["code"] == "shutting_down"
-        assert server.service.scheduler.statistics().forwarded_items == 0
+        assert server.stats().forwarded_items == 0
 
 
 async def test_anything_still_waiting_at_the_end_of_the_window_is_answered(
@@ -272,12 +272,12 @@ async def test_anything_still_waiting_at_the_end_of_the_window_is_answered(
 
         # Open the gate early: the request's pass starts, but waits for the forward
         # thread, which is busy inside the probe, so it cannot finish.
-        server.service.gate.open()
+        server.scheduler.open()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request)
-            await _until(lambda: server.service.scheduler.statistics().forwarded_items, 10)
+            await _until(lambda: server.stats().forwarded_items, 10)
             began = trio.current_time()
-            server.service.begin_shutdown(1.0)
+            server.engine.begin_shutdown(1.0)
             await _until(lambda: answers, 5)
             probe.release.set()
         ((status, at),) = answers

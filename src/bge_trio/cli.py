@@ -165,15 +165,15 @@ async def _serve_here(config: Any, settings: Settings) -> None:
     from bge_trio.hosting import Host
 
     app = create_app(settings)
-    service = app.extensions["bge_trio"]
+    engines = app.extensions["bge_trio"]
     host = Host(config.graceful_timeout)
 
     async def until_signalled() -> None:
-        """On the signal, drain (see EmbeddingService.begin_shutdown), and let hypercorn
-        stop accepting and wait for the answers."""
+        """On the signal, drain (see Engine.begin_shutdown), and let hypercorn stop
+        accepting and wait for the answers."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
-                service.begin_shutdown(host.drain_window_s())
+                engines.begin_shutdown(host.drain_window_s())
                 return
 
     await serve(app, config, shutdown_trigger=until_signalled)

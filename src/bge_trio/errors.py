@@ -1,9 +1,13 @@
 """Errors a client can act on, named for what went wrong, not for HTTP.
 
-The service and the request parsers raise these; only the API layer decides what
-each becomes on the wire (one table in :mod:`bge_trio.api.errors`: status, the
-OpenAI error ``type``, and headers such as ``Retry-After``). Anything else that
-escapes is an internal failure and becomes a generic 500.
+Each is raised once, where what went wrong is known: the request parsers, the input
+rules, the scheduler (queue full, too slow for the deadline, shutting down, a failed
+pass, the model not ready in time). Only the edges translate: the API layer's one table
+(:mod:`bge_trio.api.errors`: status, the OpenAI error ``type``, headers such as
+``Retry-After``) and the one line a command prints. An error about one input says which
+(``index``) and carries the numbers its message was made from, so another edge (the bulk
+job, which speaks of "the text", not ``input[3]``) can say it in its own words. Anything
+else that escapes is an internal failure and becomes a generic 500.
 """
 
 from __future__ import annotations
@@ -28,7 +32,52 @@ class UnsupportedMediaType(InvalidRequest):
 
 
 class TooLarge(ServiceError):
-    """One input is larger than this server can take: its memory, or its deadline."""
+    """One input, or the request, is larger than this server can take: its memory, or its
+    deadline."""
+
+
+class InputTooLong(ServiceError):
+    """One input is longer than the server takes: the model's maximum (``reason``
+    ``"model"``) or what fits the memory budget in one pass (``"memory"``).
+
+    ``index`` is the input's place in the request, ``tokens`` its length and ``limit`` the
+    longest that would have been taken."""
+
+    def __init__(
+        self, message: str, *, index: int, tokens: int, limit: int, reason: str, code: str
+    ) -> None:
+        super().__init__(message, param="input", code=code)
+        self.index = index
+        self.tokens = tokens
+        self.limit = limit
+        self.reason = reason
+
+    def about(self, subject: str) -> str:
+        """The same refusal told of ``subject`` (``"the text"``) instead of ``input[i]``."""
+        return self.message.replace(f"input[{self.index}]", subject, 1)
+
+
+class ContextLengthExceeded(InputTooLong, InvalidRequest):
+    """Longer than the model's maximum: a 400, as OpenAI answers it."""
+
+
+class InputTooLarge(InputTooLong, TooLarge):
+    """Longer than fits the memory budget in one pass: a 413."""
+
+
+class TooSlow(TooLarge):
+    """One text (``index``), or the whole request (``index`` None), would run past the
+    request deadline at the measured pace, even on an idle server: refused before it runs."""
+
+    def __init__(
+        self, message: str, *, index: int | None, tokens: int, estimate_s: float, deadline_s: float
+    ) -> None:
+        code = "request_too_slow_for_deadline" if index is None else "input_too_slow_for_deadline"
+        super().__init__(message, param="input", code=code)
+        self.index = index
+        self.tokens = tokens
+        self.estimate_s = estimate_s
+        self.deadline_s = deadline_s
 
 
 class Unauthorized(ServiceError):
@@ -60,7 +109,8 @@ class ServerFailed(ServiceError):
 
 
 class BatchFailed(ServiceError):
-    """A forward pass raised; the cause is in the log, not for the client."""
+    """A forward pass raised; the cause is in the log (and on ``__cause__``), not for the
+    client."""
 
 
 class TimedOut(ServiceError):
@@ -70,3 +120,35 @@ class TimedOut(ServiceError):
 def invalid(message: str, *, param: str | None = None, code: str | None = None) -> InvalidRequest:
     """A request the client must change."""
     return InvalidRequest(message, param=param, code=code)
+
+
+def not_ready(state: str) -> NotReady:
+    """The model is still loading, or its memory still being measured."""
+    return NotReady(f"the model is still {state}; retry shortly", retry_after_s=5, code="not_ready")
+
+
+def gate_closed() -> NotReady:
+    """Texts waited their startup wait at the closed gate: the memory is still being
+    measured (the gate is closed only then)."""
+    return NotReady("the server is still probing; retry shortly", retry_after_s=5, code="not_ready")
+
+
+def shutting_down() -> ShuttingDown:
+    """The process is stopping: another replica (or this one, restarted) will answer."""
+    return ShuttingDown(
+        "the server is shutting down; retry the request (another replica will answer it)",
+        retry_after_s=1,
+        code="shutting_down",
+    )
+
+
+def server_failed() -> ServerFailed:
+    """Startup failed for good, or the scheduler crashed: the process is about to exit."""
+    return ServerFailed(
+        "the server has failed and is shutting down; see its log", code="server_failed"
+    )
+
+
+def batch_failed() -> BatchFailed:
+    """A forward pass raised (its exception is the cause, for the log)."""
+    return BatchFailed("a forward pass failed", code=None)

@@ -16,7 +16,8 @@ so the parent's later ``terminate()`` cannot kill a worker that is still
 draining), watches the parent's event, and tells the parent when only the worker
 was signalled, so hypercorn stops as it does when signalled itself. The parent's
 event and graceful timeout are read from the worker's own process object, where
-hypercorn's spawn handed them over.
+hypercorn's spawn handed them over: not a public interface, so pyproject.toml admits
+only the hypercorn releases the shutdown tests (tests/test_shutdown.py) passed with.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
-"""``bge-trio probe``: the memory probe in the foreground, with a table of what it measured."""
+"""``bge-trio probe``: the memory probe in the foreground, with a table of what it measured.
+
+It runs the server's own startup sequence (:func:`~bge_trio.engine.prepare`) with the
+server's lanes, so the probe cache entry it writes is the one a server with the same
+settings starts from."""
 
 from __future__ import annotations
 
 import sys
 
+import attrs
+
 from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
-from bge_trio.memory.plan import (
-    MemoryTooSmallError,
-    check_fits,
-    measure_budget,
-    plan_memory,
-)
+from bge_trio.engine import prepare
+from bge_trio.memory.plan import MemoryTooSmallError
 from bge_trio.memory.probe import ProbeProgress
-from bge_trio.model.encoder import Encoder
 from bge_trio.model.source import ModelSource
-from bge_trio.process import prepare_process
 from bge_trio.scheduler.lanes import plan_lanes
 
 MIB = 1024 * 1024
@@ -23,24 +23,8 @@ MIB = 1024 * 1024
 
 def run_probe_command(settings: Settings, source: ModelSource) -> int:
     out = sys.stdout
-    prepare_process(settings.allocator)
     lanes = plan_lanes(cpu_count(), settings.workers, settings.express_tokens)
     print(f"loading {source.path} ...", file=out, flush=True)
-    encoder = Encoder.load(
-        source,
-        name=settings.model_name,
-        max_seq_length=settings.max_seq_length,
-        dtype=settings.dtype,
-        threads=lanes.threads,
-    )
-    budget = measure_budget(encoder, settings, workers=lanes.workers)
-    limit = budget.limit
-    print(
-        f"memory limit {limit.bytes / MIB:.0f} MiB ({limit.source}); model resident "
-        f"{budget.model_resident_bytes / MIB:.0f} MiB; per-forward budget "
-        f"{budget.workspace_bytes / MIB:.0f} MiB",
-        file=out,
-    )
 
     def progress(step: ProbeProgress) -> None:
         point = step.point
@@ -52,14 +36,23 @@ def run_probe_command(settings: Settings, source: ModelSource) -> int:
             flush=True,
         )
 
-    forced = settings if settings.probe == "force" else _with_force(settings)
+    forced = attrs.evolve(settings, probe="force", cost_a=None, cost_b=None)
     try:
-        plan = plan_memory(encoder, forced, budget, progress=progress)
-        check_fits(plan, encoder.info.max_seq_length)
+        prepared = prepare(
+            forced, source, threads=lanes.threads, workers=lanes.workers, progress=progress
+        )
     except MemoryTooSmallError as exc:
         print(f"bge-trio: {exc}", file=sys.stderr)
         return 3
-    print(f"\nstatus {plan.status} ({plan.method or 'no measurement'})", file=out)
+    plan = prepared.memory
+    limit = plan.budget.limit
+    print(
+        f"\nmemory limit {limit.bytes / MIB:.0f} MiB ({limit.source}); model resident "
+        f"{plan.budget.model_resident_bytes / MIB:.0f} MiB; per-forward budget "
+        f"{plan.budget.workspace_bytes / MIB:.0f} MiB",
+        file=out,
+    )
+    print(f"status {plan.status} ({plan.method or 'no measurement'})", file=out)
     if plan.probe_seconds is not None:
         print(f"probe took {plan.probe_seconds:.2f}s", file=out)
     if plan.points:
@@ -84,9 +77,3 @@ def run_probe_command(settings: Settings, source: ModelSource) -> int:
     if plan.detail:
         print(f"detail: {plan.detail}", file=out)
     return 0 if plan.status == "complete" else 1
-
-
-def _with_force(settings: Settings) -> Settings:
-    import attrs
-
-    return attrs.evolve(settings, probe="force", cost_a=None, cost_b=None)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
 from quart import Blueprint, Response
 
 from bge_trio.api import schemas
-from bge_trio.api.encoding import encode_matrix, encode_vector, shorten, sparse_values
+from bge_trio.api.encoding import encode_matrix, encode_vector, sparse_values
 from bge_trio.api.errors import json_response
-from bge_trio.api.requests import body, envelope, note_usage, service, within_deadline
+from bge_trio.api.requests import (
+    body,
+    engine_for,
+    envelope,
+    note_usage,
+    settings,
+    startup_deadline,
+    within_deadline,
+)
+from bge_trio.engine import Embedded, EmbedRequest, Engine
 from bge_trio.model.encoder import DENSE, Embedding, Output
-from bge_trio.service import Embedded
 
 SPARSE: frozenset[Output] = frozenset({"sparse"})
 BOTH: frozenset[Output] = frozenset({"dense", "sparse"})
@@ -35,19 +42,23 @@ async def embeddings_both() -> Response:
 async def sparse_embeddings() -> Response:
     payload = await body()
     return_tokens = schemas.parse_flag(payload, "return_tokens")
-    embedded = await _embed(payload, SPARSE)
+    engine, embedded = await _embed(payload, SPARSE)
     data = [
-        {"object": "sparse_embedding", "index": i, "sparse_values": _sparse(e, return_tokens)}
+        {
+            "object": "sparse_embedding",
+            "index": i,
+            "sparse_values": _sparse(engine, e, return_tokens),
+        }
         for i, e in enumerate(embedded.embeddings)
     ]
-    return json_response(envelope(data, embedded.prompt_tokens))
+    return json_response(envelope(data, embedded.prompt_tokens, engine.name))
 
 
 @blueprint.post("/v1/colbert-embeddings")
 async def colbert_embeddings() -> Response:
     payload = await body()
     fmt = schemas.parse_encoding_format(payload)
-    embedded = await _embed(payload, COLBERT)
+    engine, embedded = await _embed(payload, COLBERT)
     data = [
         {
             "object": "colbert_embedding",
@@ -56,7 +67,7 @@ async def colbert_embeddings() -> Response:
         }
         for i, e in enumerate(embedded.embeddings)
     ]
-    return json_response(envelope(data, embedded.prompt_tokens))
+    return json_response(envelope(data, embedded.prompt_tokens, engine.name))
 
 
 async def _dense_embeddings(payload: dict[str, Any], default: frozenset[Output]) -> Response:
@@ -65,48 +76,44 @@ async def _dense_embeddings(payload: dict[str, Any], default: frozenset[Output])
     fmt = schemas.parse_encoding_format(payload)
     outputs = schemas.parse_outputs(payload, default)
     return_tokens = schemas.parse_flag(payload, "return_tokens")
-    arrived = trio.current_time()  # one startup wait in all, counted from here
-    # the model's dimension checks 'dimensions' before any work is queued
-    encoder = await service().ready(arrived)
-    dims = schemas.parse_dimensions(payload, encoder.info.dimension)
-    embedded = await _embed(payload, outputs, arrived)
+    engine, embedded = await _embed(payload, outputs, payload.get("dimensions"))
     data = []
     for i, e in enumerate(embedded.embeddings):
         item: dict[str, Any] = {"object": "embedding", "index": i}
         if "dense" in outputs:
-            item["embedding"] = encode_vector(shorten(_present(e.dense), dims), fmt)
+            item["embedding"] = encode_vector(_present(e.dense), fmt)
         if "sparse" in outputs:
-            item["sparse_values"] = _sparse(e, return_tokens)
+            item["sparse_values"] = _sparse(engine, e, return_tokens)
         if "colbert" in outputs:
             item["colbert_embeddings"] = encode_matrix(_present(e.colbert), fmt)
         data.append(item)
-    return json_response(envelope(data, embedded.prompt_tokens))
+    return json_response(envelope(data, embedded.prompt_tokens, engine.name))
 
 
 async def _embed(
-    payload: dict[str, Any], outputs: frozenset[Output], arrived: float | None = None
-) -> Embedded:
-    settings = service().settings
-    schemas.check_model(payload)
+    payload: dict[str, Any], outputs: frozenset[Output], dimensions: object = None
+) -> tuple[Engine, Embedded]:
+    engine = engine_for(payload)
+    limits = settings()
     inputs = schemas.parse_inputs(
-        payload.get("input"), max_items=settings.max_batch, max_chars=settings.max_input_chars
+        payload.get("input"), max_items=limits.max_batch, max_chars=limits.max_input_chars
     )
-    long_input = schemas.parse_long_input(payload)
-    embedded = await within_deadline(
-        service().embed, inputs.texts, inputs.token_ids, outputs, long_input, arrived
+    request = EmbedRequest(
+        inputs.texts, inputs.token_ids, outputs, schemas.parse_long_input(payload), dimensions
     )
-    note_usage(len(inputs), embedded.prompt_tokens, embedded.timing)
-    return embedded
+    embedded = await within_deadline(engine.embed, request, startup_deadline())
+    note_usage(len(inputs), embedded.prompt_tokens, embedded.queue_s, embedded.inference_s)
+    return engine, embedded
 
 
-def _sparse(e: Embedding, return_tokens: bool) -> dict[str, Any]:
+def _sparse(engine: Engine, e: Embedding, return_tokens: bool) -> dict[str, Any]:
     indices, values = _present(e.sparse)
-    tokens = service().token_strings(indices.tolist()) if return_tokens else None
+    tokens = engine.token_strings(indices.tolist()) if return_tokens else None
     return sparse_values(indices, values, tokens)
 
 
 def _present(value: Any) -> Any:
-    """An output the request asked for (the service guarantees it is there)."""
+    """An output the request asked for (the engine guarantees it is there)."""
     if value is None:  # pragma: no cover
         raise RuntimeError("missing output")
     return value

@@ -28,15 +28,6 @@ import numpy.typing as npt
 from bge_trio.api.schemas import EncodingFormat
 
 
-def shorten(vector: npt.NDArray[np.float32], dimensions: int | None) -> npt.NDArray[np.float32]:
-    """Keep the first ``dimensions`` values and re-normalise to unit length."""
-    if dimensions is None or dimensions >= vector.shape[-1]:
-        return vector
-    cut = vector[:dimensions]
-    norm = float(np.linalg.norm(cut))
-    return cut / norm if norm > 0 else cut
-
-
 def encode_vector(vector: npt.NDArray[np.float32], fmt: EncodingFormat) -> Any:
     if fmt == "float":
         return vector  # orjson writes numpy float32 arrays directly

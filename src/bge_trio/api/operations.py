@@ -8,9 +8,9 @@ import time
 from quart import Blueprint, Response
 
 from bge_trio import metrics
-from bge_trio.api import openapi
+from bge_trio.api import openapi, reports
 from bge_trio.api.errors import json_response
-from bge_trio.api.requests import service
+from bge_trio.api.requests import engines, settings, startup_deadline
 from bge_trio.memory.probe import resident_bytes
 
 blueprint = Blueprint("operations", __name__)
@@ -19,22 +19,28 @@ CREATED = int(time.time())
 
 @blueprint.get("/v1/models")
 async def models() -> Response:
-    info = (await service().ready()).info
-    model = {
-        "id": info.name,
-        "object": "model",
-        "created": CREATED,
-        "owned_by": "bge-trio",
-        "dimension": info.dimension,
-        "max_seq_length": info.max_seq_length,
-        "outputs": sorted(info.outputs),
-    }
-    return json_response({"object": "list", "data": [model]})
+    data = []
+    deadline = startup_deadline()
+    for engine in engines():
+        info = await engine.loaded(deadline)
+        data.append(
+            {
+                "id": info.name,
+                "object": "model",
+                "created": CREATED,
+                "owned_by": "bge-trio",
+                "dimension": info.dimension,
+                "max_seq_length": info.max_seq_length,
+                "outputs": sorted(info.outputs),
+            }
+        )
+    return json_response({"object": "list", "data": data})
 
 
 @blueprint.get("/health")
 async def health() -> Response:
-    return json_response(service().health(), 200 if service().healthy else 503)
+    stats = engines().default.statistics()
+    return json_response(reports.health(stats), 200 if stats.healthy else 503)
 
 
 @blueprint.get("/live")
@@ -44,7 +50,7 @@ async def live() -> Response:
 
 @blueprint.get("/info")
 async def info() -> Response:
-    return json_response(service().describe())
+    return json_response(reports.describe(engines().default.statistics(), settings()))
 
 
 @blueprint.get("/metrics")
@@ -56,14 +62,14 @@ async def prometheus() -> Response:
 
 @blueprint.get("/openapi.json")
 async def openapi_document() -> Response:
-    settings = service().settings
-    loaded = service().info if service().encoder is not None else None
-    limits = openapi.Limits(
-        max_items=settings.max_batch,
-        max_chars=settings.max_input_chars,
-        max_pairs=settings.max_score_pairs,
+    limits = settings()
+    loaded = engines().default.info
+    document = openapi.Limits(
+        max_items=limits.max_batch,
+        max_chars=limits.max_input_chars,
+        max_pairs=limits.max_score_pairs,
         vocab_size=None if loaded is None else loaded.vocab_size,
         dimension=None if loaded is None else loaded.dimension,
         outputs=None if loaded is None else frozenset(loaded.outputs),
     )
-    return json_response(openapi.document(limits))
+    return json_response(openapi.document(document))

@@ -1,5 +1,5 @@
-"""What every route does with a request: read its body, bound it by the deadline,
-record what it carried, and wrap results in the OpenAI list envelope."""
+"""What every route does with a request: find its engine, read its body, bound it by
+the deadlines, record what it carried, and wrap results in the OpenAI list envelope."""
 
 from __future__ import annotations
 
@@ -10,17 +10,37 @@ import trio
 from quart import current_app, g, request
 
 from bge_trio.api import schemas
+from bge_trio.config import Settings
+from bge_trio.engine import Engine, Engines
 from bge_trio.errors import TimedOut
-from bge_trio.scheduler.scheduler import Timing
-from bge_trio.service import EmbeddingService
 
 T = TypeVar("T")
 
 
-def service() -> EmbeddingService:
-    """The app's service (set by ``create_app``)."""
-    found: EmbeddingService = current_app.extensions["bge_trio"]
+def engines() -> Engines:
+    """The app's engines (set by ``create_app``)."""
+    found: Engines = current_app.extensions["bge_trio"]
     return found
+
+
+def settings() -> Settings:
+    """The server's settings (every engine's, with one model)."""
+    return engines().default.settings
+
+
+def engine_for(payload: dict[str, Any], *, check: bool = True) -> Engine:
+    """The engine of the model the body names (``check``: ``model`` and ``user`` must be
+    strings, as on the OpenAI-shaped routes)."""
+    if check:
+        schemas.check_model(payload)
+    model = payload.get("model")
+    return engines().find(model if isinstance(model, str) else None)
+
+
+def startup_deadline() -> float:
+    """Until when a request waits for the model to load and its memory to be measured:
+    ``BGE_TRIO_STARTUP_WAIT_S`` from now, the request's arrival."""
+    return trio.current_time() + settings().startup_wait_s
 
 
 async def body() -> dict[str, Any]:
@@ -32,7 +52,7 @@ async def body() -> dict[str, Any]:
 
 async def within_deadline(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run ``fn`` under the request deadline; past it, queued texts are dropped (504)."""
-    limit = service().settings.request_timeout_s
+    limit = settings().request_timeout_s
     with trio.move_on_after(limit):
         return await fn(*args)
     raise TimedOut(
@@ -41,21 +61,23 @@ async def within_deadline(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     )
 
 
-def envelope(data: list[dict[str, Any]], prompt_tokens: int, **extra: Any) -> dict[str, Any]:
+def envelope(
+    data: list[dict[str, Any]], prompt_tokens: int, model: str, **extra: Any
+) -> dict[str, Any]:
     """OpenAI's list envelope, with the tokens embedded as its usage."""
     return {
         "object": "list",
         "data": data,
-        "model": service().info.name,
+        "model": model,
         **extra,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
 
 
-def note_usage(inputs: int, tokens: int, timing: Timing | None = None) -> None:
+def note_usage(inputs: int, tokens: int, queue_s: float | None, inference_s: float | None) -> None:
     """Record what the request carried and where its time went, for its log line."""
     g.inputs = inputs
     g.tokens = tokens
-    if timing is not None:
-        g.queue_ms = round(timing.queue_s * 1000, 2)
-        g.inference_ms = round(timing.inference_s * 1000, 2)
+    if queue_s is not None and inference_s is not None:
+        g.queue_ms = round(queue_s * 1000, 2)
+        g.inference_ms = round(inference_s * 1000, 2)

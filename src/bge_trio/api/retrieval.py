@@ -14,10 +14,18 @@ from quart import Blueprint, Response
 
 from bge_trio.api import schemas
 from bge_trio.api.errors import json_response
-from bge_trio.api.requests import body, envelope, note_usage, service, within_deadline
+from bge_trio.api.requests import (
+    body,
+    engine_for,
+    envelope,
+    note_usage,
+    settings,
+    startup_deadline,
+    within_deadline,
+)
+from bge_trio.engine import Engine, Scored
 from bge_trio.errors import invalid
 from bge_trio.scoring import Weights
-from bge_trio.service import Scored
 
 SCORE_NAMES = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 
@@ -26,8 +34,8 @@ blueprint = Blueprint("retrieval", __name__)
 
 @blueprint.post("/v1/score")
 async def score() -> Response:
-    req = await _request(schemas.parse_score_request)
-    scored = await _scored(req)
+    engine, req = await _request(schemas.parse_score_request)
+    scored = await _scored(engine, req)
     names = [name for name in SCORE_NAMES if name in scored.scores]
     data = []
     for qi, query in enumerate(req.queries):
@@ -44,6 +52,7 @@ async def score() -> Response:
         envelope(
             data,
             scored.prompt_tokens,
+            engine.name,
             modes=list(scored.modes),
             weights=attrs.asdict(req.weights),
         )
@@ -54,8 +63,8 @@ async def score() -> Response:
 async def rerank() -> Response:
     """The rerank APIs' shape (Cohere, Jina, TEI, vLLM, infinity): ``relevance_score`` is
     the hybrid score of /v1/score, with the same weights."""
-    req = await _request(schemas.parse_rerank_request)
-    scored = await _scored(req)
+    engine, req = await _request(schemas.parse_rerank_request)
+    scored = await _scored(engine, req)
     hybrid = scored.scores["hybrid"][0]
     results = []
     for di in _ranked(hybrid, req.top_n):
@@ -68,30 +77,34 @@ async def rerank() -> Response:
         {
             "id": f"rerank-{uuid.uuid4().hex}",
             "object": "rerank",
-            "model": service().info.name,
+            "model": engine.name,
             "results": results,
             "usage": usage,
         }
     )
 
 
-async def _request(parse: Callable[..., schemas.ScoreRequest]) -> schemas.ScoreRequest:
-    """The body parsed under this server's limits, with its default weights."""
+async def _request(
+    parse: Callable[..., schemas.ScoreRequest],
+) -> tuple[Engine, schemas.ScoreRequest]:
+    """The engine the body names, and the body parsed under this server's limits, with
+    its default weights."""
     payload = await body()
-    schemas.check_model(payload)
-    settings = service().settings
-    return parse(
+    engine = engine_for(payload)
+    limits = settings()
+    return engine, parse(
         payload,
-        max_items=settings.max_batch,
-        max_pairs=settings.max_score_pairs,
-        max_chars=settings.max_input_chars,
-        weights=Weights(*settings.score_weights),
+        max_items=limits.max_batch,
+        max_pairs=limits.max_score_pairs,
+        max_chars=limits.max_input_chars,
+        weights=Weights(*limits.score_weights),
     )
 
 
-async def _scored(req: schemas.ScoreRequest) -> Scored:
-    scored = await within_deadline(service().score, req.queries, req.documents, req.weights)
-    note_usage(len(req.queries) + len(req.documents), scored.prompt_tokens)
+async def _scored(engine: Engine, req: schemas.ScoreRequest) -> Scored:
+    deadline = startup_deadline()
+    scored = await within_deadline(engine.score, req.queries, req.documents, req.weights, deadline)
+    note_usage(len(req.queries) + len(req.documents), scored.prompt_tokens, None, None)
     return scored
 
 
@@ -104,11 +117,11 @@ def _ranked(scores: npt.NDArray[np.float32], top_n: int | None) -> list[int]:
 @blueprint.post("/tokenize")
 async def tokenize() -> Response:
     payload = await body()
-    settings = service().settings
+    limits = settings()
     inputs = schemas.parse_inputs(
         payload.get("inputs"),
-        max_items=settings.max_batch,
-        max_chars=settings.max_input_chars,
+        max_items=limits.max_batch,
+        max_chars=limits.max_input_chars,
         param="inputs",
     )
     if inputs.texts is None:
@@ -116,13 +129,16 @@ async def tokenize() -> Response:
             "'inputs' must be a string or a list of strings", param="inputs", code="invalid_input"
         )
     add_special = schemas.parse_flag(payload, "add_special_tokens", default=True)
-    tokens = await service().tokens(inputs.texts, add_special)
+    tokens = await engine_for(payload, check=False).tokens(
+        inputs.texts, add_special, startup_deadline()
+    )
     return json_response([[attrs.asdict(t) for t in row] for row in tokens])
 
 
 @blueprint.post("/decode")
 async def decode() -> Response:
     payload = await body()
-    ids = schemas.parse_ids(payload.get("ids"), max_items=service().settings.max_batch)
+    ids = schemas.parse_ids(payload.get("ids"), max_items=settings().max_batch)
     skip = schemas.parse_flag(payload, "skip_special_tokens", default=True)
-    return json_response(await service().decode(ids, skip))
+    engine = engine_for(payload, check=False)
+    return json_response(await engine.decode(ids, skip, startup_deadline()))

@@ -14,6 +14,7 @@ import attrs
 import orjson
 
 from bge_trio.config import LONG_INPUTS, LongInput
+from bge_trio.engine.inputs import is_int
 from bge_trio.errors import UnsupportedMediaType, invalid
 from bge_trio.model.encoder import Output
 from bge_trio.scoring import MODES, Weights
@@ -49,13 +50,6 @@ def parse_json_body(content_type: str | None, data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise invalid("the body must be a JSON object", code="invalid_json")
     return body
-
-
-def _is_int(value: object) -> bool:
-    """An integer as JSON Schema counts them: 3 and 3.0 alike (not true or false)."""
-    if isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_inputs(
@@ -105,7 +99,7 @@ def _parse_inputs(value: object, *, max_items: int, param: str) -> Inputs:
     _check_count(value, param, max_items)
     if all(isinstance(v, str) for v in value):
         return Inputs(list(value), None)
-    if all(_is_int(v) for v in value):
+    if all(is_int(v) for v in value):
         return Inputs(None, [[int(v) for v in value]])
     if all(isinstance(v, list) for v in value):
         for index, ids in enumerate(value):
@@ -115,7 +109,7 @@ def _parse_inputs(value: object, *, max_items: int, param: str) -> Inputs:
                     param=param,
                     code="empty_input",
                 )
-            if not all(_is_int(t) for t in ids):
+            if not all(is_int(t) for t in ids):
                 raise invalid(
                     f"'{param}[{index}]' must be a list of integer token ids",
                     param=param,
@@ -160,19 +154,6 @@ def parse_outputs(body: dict[str, Any], default: frozenset[Output]) -> frozenset
             code="invalid_outputs",
         )
     return frozenset(value)
-
-
-def parse_dimensions(body: dict[str, Any], model_dimension: int) -> int | None:
-    value = body.get("dimensions")
-    if value is None:
-        return None
-    if not _is_int(value) or not 1 <= value <= model_dimension:
-        raise invalid(
-            f"'dimensions' must be an integer from 1 to {model_dimension}, not {value!r}",
-            param="dimensions",
-            code="invalid_dimensions",
-        )
-    return int(value)
 
 
 def parse_flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
@@ -292,7 +273,7 @@ def _scoring(
             code="too_many_pairs",
         )
     top_n = body.get("top_n")
-    if top_n is not None and (not _is_int(top_n) or top_n < 1):
+    if top_n is not None and (not is_int(top_n) or top_n < 1):
         raise invalid("'top_n' must be a positive integer", param="top_n", code="invalid_top_n")
     return ScoreRequest(
         queries,

@@ -1,8 +1,9 @@
-"""The server's encoder, memory budget and batch planner, without the server.
+"""The server's startup, input rules and batch planner, without the server.
 
-One :class:`BulkEmbedder` per process (or per Ray actor): it loads the model, sizes
-its memory budget from the container or node it runs in (the probe cache makes a
-second start cheap), and embeds lists of texts in passes planned by the same
+One :class:`BulkEmbedder` per process (or per Ray actor): it runs the server's startup
+sequence (:func:`~bge_trio.engine.prepare`: the model, the memory budget of the
+container or node it runs in, the cost model, where the probe cache makes a second start
+cheap) and embeds lists of texts in passes planned by the same
 :func:`~bge_trio.scheduler.batching.plan_batch` and policy as the server's.
 """
 
@@ -16,21 +17,20 @@ import attrs
 from bge_trio.bulk.rows import BadRow, Row
 from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
-from bge_trio.errors import ServiceError
-from bge_trio.memory.plan import MemoryPlan, check_fits, measure_budget, plan_memory
+from bge_trio.engine import prepare
+from bge_trio.engine.inputs import Lengths, check_outputs, fit_lengths, merged
+from bge_trio.errors import InputTooLong, InvalidRequest
+from bge_trio.memory.plan import MemoryPlan
 from bge_trio.model.encoder import Embedding, Encoder, Output
 from bge_trio.model.source import ModelSource
 from bge_trio.model.windows import Windows
-from bge_trio.process import prepare_process
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
-from bge_trio.scheduler.scheduler import Timing
-from bge_trio.service.inputs import Lengths, fit_lengths, merged
 
 log = logging.getLogger(__name__)
 
 
 @attrs.frozen(eq=False)
-class Embedded:
+class Rows:
     """Results in input order: an embedding and its token count, or why the text failed."""
 
     embeddings: list[Embedding | None]
@@ -47,38 +47,24 @@ class BulkEmbedder:
         *,
         threads: int | None = None,
     ) -> None:
-        prepare_process(settings.allocator)
+        prepared = prepare(settings, source, threads=threads or cpu_count(), workers=1)
+        try:
+            check_outputs(prepared.encoder.info, outputs)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
         self.settings = settings
-        self.encoder = Encoder.load(
-            source,
-            name=settings.model_name,
-            max_seq_length=settings.max_seq_length,
-            dtype=settings.dtype,
-            threads=threads or cpu_count(),
-        )
-        missing = outputs - self.encoder.info.outputs
-        if missing:
-            raise ValueError(
-                f"model {self.encoder.info.name!r} has no {' or '.join(sorted(missing))} "
-                f"head; it offers: {', '.join(sorted(self.encoder.info.outputs))}"
-            )
+        self.encoder: Encoder = prepared.encoder
+        self.memory: MemoryPlan = prepared.memory
+        self.policy: BatchPolicy = prepared.policy
         self.outputs = outputs
-        budget = measure_budget(self.encoder, settings, workers=1)
-        self.memory: MemoryPlan = plan_memory(self.encoder, settings, budget)
-        check_fits(self.memory, self.encoder.info.max_seq_length)
-        self.policy = BatchPolicy(
-            self.memory.cost,
-            budget.workspace_bytes,
-            max_batch_tokens=settings.max_batch_tokens,
-        )
         log.info(
             "bulk embedder ready: %s, probe %s, budget %d bytes per pass",
             self.encoder.info.name,
             self.memory.status,
-            budget.workspace_bytes,
+            self.memory.budget.workspace_bytes,
         )
 
-    def embed(self, texts: Sequence[str]) -> Embedded:
+    def embed(self, texts: Sequence[str]) -> Rows:
         """Every text, in passes the server's planner would run; long texts follow
         ``BGE_TRIO_LONG_INPUT`` (a text refused by it is an error, not an exception)."""
         encoder = self.encoder
@@ -95,22 +81,21 @@ class BulkEmbedder:
         for index, one in enumerate(ids):
             try:
                 (fitted,) = fit_lengths(encoder, [one], self.settings.long_input, lengths)
-            except ServiceError as exc:
-                errors[index] = str(exc).replace("input[0]", "the text")
+            except InputTooLong as exc:
+                errors[index] = exc.about("the text")
                 continue
             kept.append(index)
             windows.append(fitted)
         flat = [list(w) for fitted in windows for w in fitted.token_ids]
-        results = self._forward_all(flat)
-        done = merged([ids[i] for i in kept], windows, results, Timing())
+        done = merged([ids[i] for i in kept], windows, self._forward_all(flat))
         embeddings: list[Embedding | None] = [None] * len(texts)
         tokens = [0] * len(texts)
         for index, embedding, fitted in zip(kept, done.embeddings, windows, strict=True):
             embeddings[index] = embedding
             tokens[index] = fitted.tokens
-        return Embedded(embeddings, tokens, errors)
+        return Rows(embeddings, tokens, errors)
 
-    def embed_rows(self, rows: Sequence[Row | BadRow]) -> Embedded:
+    def embed_rows(self, rows: Sequence[Row | BadRow]) -> Rows:
         """Every row in order; a bad row gets its reason as its error and no vectors."""
         good = [(i, row.text) for i, row in enumerate(rows) if isinstance(row, Row)]
         result = self.embed([text for _, text in good])
@@ -121,7 +106,7 @@ class BulkEmbedder:
             embeddings[i], tokens[i] = result.embeddings[j], result.tokens[j]
             if j in result.errors:
                 errors[i] = result.errors[j]
-        return Embedded(embeddings, tokens, errors)
+        return Rows(embeddings, tokens, errors)
 
     def _forward_all(self, token_ids: list[list[int]]) -> list[Embedding]:
         """Shortest first, so each planned pass takes texts of like length (little padding)."""

@@ -85,6 +85,7 @@ def run_local(
             manifest["model"] = records.describe(
                 embedder.encoder.info.name, _model_info(embedder), job.outputs, _settings(settings)
             )
+            manifest["memory"] = _memory(embedder)  # of the run that last embedded
         rows, tokens, failed = _embed_shard(embedder, shard, manifest, job.output / name)
         for row_id, number, reason in failed[: max(0, SHOWN_BAD_ROWS - shown)]:
             log.warning("row %d (id %r) skipped: %s", number, row_id, reason)
@@ -187,6 +188,18 @@ def _model_info(embedder: BulkEmbedder) -> dict[str, Any]:
         "dtype": info.dtype,
         "max_seq_length": info.max_seq_length,
         "pooling": info.pooling,
+    }
+
+
+def _memory(embedder: BulkEmbedder) -> dict[str, Any]:
+    """The memory plan the embedder ran with: the server's, for the same settings."""
+    plan = embedder.memory
+    return {
+        "probe_status": plan.status,
+        "cost_a_bytes_per_token": plan.cost.a,
+        "cost_b_bytes_per_token2": plan.cost.b,
+        "cost_c_bytes_per_pass": plan.cost.c,
+        "per_forward_budget_bytes": plan.budget.workspace_bytes,
     }
 
 

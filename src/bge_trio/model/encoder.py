@@ -124,24 +124,6 @@ class Encoder:
                 layer.register_forward_pre_hook(_before_layer)
                 setattr(layer, "_bge_trio_hooked", True)  # noqa: B010 - not a Module field
 
-    @classmethod
-    def load(
-        cls,
-        source: ModelSource,
-        *,
-        name: str | None = None,
-        max_seq_length: int | None = None,
-        dtype: str = "auto",
-        threads: int | None = None,
-    ) -> Encoder:
-        """Load tokenizer, transformer and the optional BGE-M3 heads (see
-        :func:`bge_trio.model.loading.load_encoder`)."""
-        from bge_trio.model.loading import load_encoder
-
-        return load_encoder(
-            source, name=name, max_seq_length=max_seq_length, dtype=dtype, threads=threads
-        )
-
     # -- memory -------------------------------------------------------------------------
 
     def weight_tensors(self) -> list[torch.Tensor]:

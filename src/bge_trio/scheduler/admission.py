@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from bge_trio.errors import Overloaded, TooSlow
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.lanes import Lanes
 from bge_trio.scheduler.pace import PassPace
@@ -24,30 +25,6 @@ Curve = tuple[float, float, float]
 # learnt from; tokenising and answering take time too), and a request admitted on an
 # estimate that proves a little short is a 504 after the whole deadline.
 ADMIT_SHARE = 0.9
-
-
-class QueueFullError(RuntimeError):
-    """Admitting the request would take the queue past its bound (a 429 for the client)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class TooSlowError(RuntimeError):
-    """One text of the request, or the whole request on an idle server, would run past
-    the deadline (a 413 for the client): ``index`` names the text, None the request."""
-
-    def __init__(
-        self, index: int | None, tokens: int, estimate_s: float, deadline_s: float, texts: int = 1
-    ) -> None:
-        what = "the request" if index is None else f"input[{index}]"
-        super().__init__(f"{what} would take about {estimate_s:.0f} s")
-        self.index = index
-        self.tokens = tokens
-        self.estimate_s = estimate_s
-        self.deadline_s = deadline_s
-        self.texts = texts
 
 
 @attrs.frozen
@@ -76,33 +53,54 @@ class Admission:
         """All or nothing: a request is queued whole, or refused whole.
 
         A text that alone would run past the deadline, or a request whose texts alone
-        would, is refused (TooSlowError) even on an idle server: waiting would only end
-        in a timeout. Otherwise an idle server (nothing queued or running) admits any
-        request, so one larger than the queue's bounds still runs.
+        would, is refused (:class:`~bge_trio.errors.TooSlow`) even on an idle server:
+        waiting would only end in a timeout. Otherwise an idle server (nothing queued or
+        running) admits any request, so one larger than the queue's bounds still runs.
         """
         bounds, queue = self.bounds, self._queue
+        deadline = bounds.max_wait_s
         for index, length in enumerate(lengths):
             alone = self._pace.predict(1, length)
-            if alone is not None and alone > bounds.max_wait_s:
-                raise TooSlowError(index, length, alone, bounds.max_wait_s)
+            if alone is not None and alone > deadline:
+                raise TooSlow(
+                    f"input[{index}] has {length} tokens; at this server's measured pace it "
+                    f"would take about {alone:.0f} s, more than the request deadline of "
+                    f"{deadline:g} s. Send a shorter text (or its parts in separate requests), "
+                    "or raise BGE_TRIO_REQUEST_TIMEOUT_S",
+                    index=index,
+                    tokens=length,
+                    estimate_s=alone,
+                    deadline_s=deadline,
+                )
         curve = self._pace.curve()
         if curve is not None:
             lanes = self._lanes.workers
             alone = wait_seconds(curve, [], lengths, policy.max_batch_tokens, lanes)
-            if alone > bounds.max_wait_s:
-                raise TooSlowError(None, sum(lengths), alone, bounds.max_wait_s, len(lengths))
+            if alone > deadline:
+                raise TooSlow(
+                    f"this request's {len(lengths)} texts ({sum(lengths)} tokens) would take "
+                    f"about {alone:.0f} s at this server's measured pace even on an idle "
+                    f"server, more than the request deadline of {deadline:g} s. Send them in "
+                    "several smaller requests, or raise BGE_TRIO_REQUEST_TIMEOUT_S",
+                    index=None,
+                    tokens=sum(lengths),
+                    estimate_s=alone,
+                    deadline_s=deadline,
+                )
         if not queue.items and self._running_s() <= 0:
             return
         wait = self.expected_wait_s(lengths, policy, express_open)
         if (
             queue.items + len(lengths) > bounds.max_items
             or queue.tokens + sum(lengths) > bounds.max_tokens
-            or wait > ADMIT_SHARE * bounds.max_wait_s
+            or wait > ADMIT_SHARE * deadline
         ):
-            raise QueueFullError(
-                f"{queue.items} texts ({queue.tokens} tokens) are already "
-                f"queued; this request would finish in about {wait:.0f} s",
-                retry_after_s=max(1.0, wait - ADMIT_SHARE * bounds.max_wait_s),
+            raise Overloaded(
+                f"the server is at capacity ({queue.items} texts ({queue.tokens} tokens) are "
+                f"already queued; this request would finish in about {wait:.0f} s); retry "
+                "after a short wait",
+                retry_after_s=max(1.0, wait - ADMIT_SHARE * deadline),
+                code="queue_full",
             )
 
     def expected_wait_s(

@@ -2,8 +2,8 @@
 
 At the learnt pace, queued texts are laid out in order on the regular workers after
 the passes already running; a request whose texts end after the deadline is
-answered ShuttingDownError at once (its client retries elsewhere sooner), and so
-is one arriving later that could not finish in time.
+answered :func:`~bge_trio.errors.shutting_down` at once (its client retries elsewhere
+sooner), and so is one arriving later that could not finish in time.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
+from bge_trio.errors import shutting_down
 from bge_trio.scheduler.admission import Curve, finish_time
 from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.pace import PassPace
@@ -21,12 +22,9 @@ from bge_trio.scheduler.queue import WorkQueue
 from bge_trio.scheduler.work import Ticket
 
 
-class ShuttingDownError(RuntimeError):
-    """The process is stopping: the request was refused, or cannot finish in time (a 503)."""
-
-
 class Drain:
     def __init__(self, queue: WorkQueue, passes: Passes, gate: Gate, pace: PassPace) -> None:
+        # all four belong to the scheduler that made this drain; it only reads them
         self._queue = queue
         self._passes = passes
         self._gate = gate
@@ -43,7 +41,7 @@ class Drain:
     def close(self, deadline: float, cap: int | None) -> int:
         """From now on, keep only the work that can finish by ``deadline``.
 
-        Returns how many requests were answered ShuttingDownError now. Requests still on
+        Returns how many requests were answered ShuttingDown now. Requests still on
         their way (being tokenised) are judged by :meth:`refuses` when they submit.
         Before the pace is known (startup) nothing queued can be promised. A pass whose
         requests are all answered stops at its next layer.
@@ -56,7 +54,7 @@ class Drain:
             if not ticket.finished and finish > deadline
         }
         for ticket in doomed.values():
-            ticket.fail(ShuttingDownError("shutting down"))
+            ticket.fail(shutting_down())
         return len(doomed)
 
     def fail_everything(self, error: BaseException) -> None:

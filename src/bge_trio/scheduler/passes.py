@@ -1,6 +1,8 @@
 """Forward passes in flight: each on its lane's pinned thread, measured when it runs
-alone, stopped between layers when nobody waits for it any more, its results
-handed to the requests' tickets."""
+alone, stopped between layers when nobody waits for it any more, its results (or a
+:class:`~bge_trio.errors.BatchFailed`) handed to the requests' tickets. A pass that was
+measured returns its peak to the scheduler, which owns the cost model it is checked
+against."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from bge_trio.errors import batch_failed
 from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import BetweenLayers, Embedding, Output, PassAbandoned
 from bge_trio.scheduler.lanes import EXPRESS_LINGER_S, LONG_PASS_S, Lanes
@@ -24,14 +27,21 @@ from bge_trio.scheduler.work import WorkItem
 log = logging.getLogger("bge_trio.scheduler.scheduler")
 
 Runner = Callable[[Sequence[Sequence[int]], frozenset[Output], BetweenLayers], list[Embedding]]
-# (batch, padded length, measured peak bytes) of a pass that ran alone
-PeakListener = Callable[[int, int, int], None]
 
 
 class PassObserver(Protocol):
     def batch_started(self, items: int, padded_tokens: int, waits_s: list[float]) -> None: ...
 
     def batch_finished(self, seconds: float, ok: bool) -> None: ...
+
+
+@attrs.frozen
+class Peak:
+    """A pass that ran alone and what it peaked at above the resident size before it."""
+
+    batch: int
+    seq: int  # padded length
+    bytes: int
 
 
 @attrs.frozen(eq=False)
@@ -51,7 +61,6 @@ class Passes:
         observer: PassObserver,
         *,
         meter: PeakMeter | None,
-        on_peak: PeakListener | None,
         set_threads: Callable[[int], None],
     ) -> None:
         self._runner = runner
@@ -61,17 +70,30 @@ class Passes:
         # Per-pass peaks: the kernel's high-water mark is per process, so only a pass
         # that started and ended with no other pass in flight is measured.
         self._meter = meter
-        self._on_peak = on_peak
         self._set_threads = set_threads
         self.running: dict[int, Running] = {}  # by id of their batch
-        self.express_busy = False
-        self.express_ended = -math.inf  # time.monotonic(): read on the forward threads
+        self._express_busy = False
+        self._express_ended = -math.inf  # time.monotonic(): read on the forward threads
         self.forwarded_items = 0  # texts that reached the model
         self.stopped_early = 0  # stopped between layers: nobody waited any more
         self.express_passes = 0
         self.consecutive_failures = 0
         self._in_flight = 0
         self._started = 0
+
+    @property
+    def express_busy(self) -> bool:
+        """Whether the express lane is taken (by a pass, or by one being planned)."""
+        return self._express_busy
+
+    def reserve_express(self) -> None:
+        """Take the express lane for a pass about to be planned."""
+        self._express_busy = True
+
+    def release_express(self) -> None:
+        """The express lane is free again; regular passes keep sharing the cores a while."""
+        self._express_busy = False
+        self._express_ended = time.monotonic()
 
     def seconds_left(self) -> float:
         """The predicted time the regular passes running now have left (admission counts it)."""
@@ -84,8 +106,9 @@ class Passes:
 
     async def run(
         self, batch: list[WorkItem], thread: PinnedThread, on_express: bool, express_open: bool
-    ) -> None:
-        """One pass of ``batch`` on ``thread``; every outcome reaches the tickets."""
+    ) -> Peak | None:
+        """One pass of ``batch`` on ``thread``; every outcome reaches the tickets. Returns
+        the pass's peak when it ran alone and was measured."""
         started = trio.current_time()
         width = max(item.length for item in batch)
         padded = len(batch) * width
@@ -99,7 +122,7 @@ class Passes:
                 len(batch), padded, [started - item.enqueued_at for item in batch]
             )
             between = self._between_layers(batch, on_express, express_open, predicted)
-            results = await self._forward(thread, batch, outputs, between)
+            results, peak = await self._forward(thread, batch, outputs, between)
         except PassAbandoned:
             self.stopped_early += 1
             self._observer.batch_finished(trio.current_time() - started, ok=True)
@@ -112,12 +135,16 @@ class Passes:
             self._observer.batch_finished(trio.current_time() - started, ok=False)
             self.consecutive_failures += 1
             log.exception("forward pass of %d texts failed", len(batch))
-            for item in batch:
-                item.ticket.fail(exc)
+            for ticket in {id(item.ticket): item.ticket for item in batch}.values():
+                failed = batch_failed()
+                failed.__cause__ = exc  # for the log; the client gets a generic 500
+                ticket.fail(failed)
         else:
             self._delivered(batch, results, started, on_express, width)
+            return peak
         finally:
             del self.running[id(batch)]
+        return None
 
     def _delivered(
         self,
@@ -159,7 +186,9 @@ class Passes:
             if on_express:
                 self._set_threads(lanes.express_threads)
                 return
-            sharing = self.express_busy or time.monotonic() - self.express_ended < EXPRESS_LINGER_S
+            sharing = (
+                self._express_busy or time.monotonic() - self._express_ended < EXPRESS_LINGER_S
+            )
             if first:
                 sharing = first.pop() or sharing
             self._set_threads(lanes.shared_threads if sharing else lanes.threads)
@@ -172,7 +201,7 @@ class Passes:
         batch: list[WorkItem],
         outputs: frozenset[Output],
         between_layers: BetweenLayers,
-    ) -> list[Embedding]:
+    ) -> tuple[list[Embedding], Peak | None]:
         """Run the pass, measuring its peak when it runs alone."""
         ids = [item.token_ids for item in batch]
         alone = self._in_flight == 0
@@ -180,11 +209,11 @@ class Passes:
         self._started += 1
         generation = self._started
         try:
-            if not (alone and self._meter is not None and self._on_peak is not None):
+            if not alone or self._meter is None:
                 plain: list[Embedding] = await thread.run(
                     self._runner, ids, outputs, between_layers
                 )
-                return plain
+                return plain, None
             results: list[Embedding]
             peak: int
             results, peak = await thread.run(
@@ -192,6 +221,6 @@ class Passes:
             )
         finally:
             self._in_flight -= 1
-        if generation == self._started:  # no other pass started meanwhile
-            self._on_peak(len(batch), max(item.length for item in batch), peak)
-        return results
+        if generation != self._started:  # another pass started meanwhile
+            return results, None
+        return results, Peak(len(batch), max(item.length for item in batch), peak)

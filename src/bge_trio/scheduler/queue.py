@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 from bge_trio.scheduler.work import WorkItem
 
 
@@ -38,6 +39,22 @@ class WorkQueue:
         if dropped:
             self.pending = [item for item in self.pending if not item.abandoned]
             self._uncount(dropped)
+
+    def take_planned(
+        self, policy: BatchPolicy, overhead_tokens: float, at_most: int | None = None
+    ) -> list[WorkItem]:
+        """The next pass: texts (of at most ``at_most`` tokens, when given) planned by
+        :func:`~bge_trio.scheduler.batching.plan_batch`, taken out of the queue. Texts of
+        requests that have gone are dropped first."""
+        self.drop_abandoned()
+        candidates = [
+            i for i, item in enumerate(self.pending) if at_most is None or item.length <= at_most
+        ]
+        if not candidates:
+            return []
+        lengths = [self.pending[i].length for i in candidates]
+        chosen = plan_batch(lengths, policy, overhead_tokens)
+        return self.take(candidates[i] for i in chosen)
 
     def take(self, indices: Iterable[int]) -> list[WorkItem]:
         """Remove the texts at ``indices`` (positions in ``pending``), in queue order."""

@@ -18,42 +18,46 @@ Because a batch is planned only once a lane is free, everything that queued whil
 the previous pass ran can share the next one. Between encoder layers a pass checks
 whether anyone still waits for it (a pass whose requests all timed out or went away
 stops there) and how many threads it may use.
+
+The scheduler owns everything a request meets on its way to the model: the inference
+gate (closed while startup measures memory), the queue, admission, the passes, the
+drain at shutdown, and the cost model the passes are planned with. A pass that ran
+alone comes back with its measured peak; one above its prediction corrects the cost
+model here (see :mod:`bge_trio.memory.recalibrate`), and a confirmed correction is
+sent on the ``corrections`` channel for whoever keeps it. Refusals and failures are
+the domain errors of :mod:`bge_trio.errors`, raised here, where they are known.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import attrs
 import trio
 
-from bge_trio.memory.cost import CONSERVATIVE
+from bge_trio.errors import gate_closed, shutting_down
 from bge_trio.memory.probe import PeakMeter
+from bge_trio.memory.recalibrate import Drift
 from bge_trio.model.encoder import Embedding, Output, set_threads
-from bge_trio.scheduler.admission import Admission, Bounds, Curve, QueueFullError, TooSlowError
-from bge_trio.scheduler.batching import BatchPolicy, plan_batch
-from bge_trio.scheduler.drain import Drain, ShuttingDownError
+from bge_trio.scheduler.admission import Admission, Bounds, Curve
+from bge_trio.scheduler.batching import BatchPolicy
+from bge_trio.scheduler.calibration import Calibration, unlimited_policy
+from bge_trio.scheduler.drain import Drain
 from bge_trio.scheduler.gate import Gate
-from bge_trio.scheduler.lanes import Lanes, express_share, plan_lanes
+from bge_trio.scheduler.lanes import Lanes, plan_lanes
 from bge_trio.scheduler.pace import PassPace
-from bge_trio.scheduler.passes import Passes, PeakListener, Runner
+from bge_trio.scheduler.passes import Passes, Peak, Runner
 from bge_trio.scheduler.queue import WorkQueue
 from bge_trio.scheduler.threads import ForwardThreads, PinnedThread
 from bge_trio.scheduler.work import Ticket, WorkItem
 
-__all__ = [
-    "BatchFailedError",
-    "PeakListener",
-    "QueueFullError",
-    "Runner",
-    "Scheduler",
-    "ShuttingDownError",
-    "TooSlowError",
-]
+__all__ = ["Runner", "Scheduler", "SchedulerStatistics", "Served"]
+
+log = logging.getLogger(__name__)
 
 
 class Observer(Protocol):
@@ -64,6 +68,8 @@ class Observer(Protocol):
     def batch_finished(self, seconds: float, ok: bool) -> None: ...
 
     def queue_changed(self, items: int, tokens: int) -> None: ...
+
+    def correction_changed(self, factor: float) -> None: ...
 
 
 class _Unobserved:
@@ -76,25 +82,25 @@ class _Unobserved:
     def queue_changed(self, items: int, tokens: int) -> None:
         pass
 
-
-@attrs.define
-class Timing:
-    """Where a request's time went: waiting for a batch, and in forward passes."""
-
-    queue_s: float = 0.0
-    inference_s: float = 0.0
+    def correction_changed(self, factor: float) -> None:
+        pass
 
 
-class BatchFailedError(RuntimeError):
-    """The forward pass of a batch raised; the cause is logged, not shown to clients."""
+@attrs.frozen(eq=False)
+class Served:
+    """A request's results in input order, and where its time went: waiting for a pass
+    (the longest any of its texts waited) and in the passes its texts were in."""
+
+    results: list[Embedding]
+    queue_s: float
+    inference_s: float
 
 
 class Scheduler:
     def __init__(
         self,
         runner: Runner,
-        gate: Gate,
-        policy: BatchPolicy,
+        policy: BatchPolicy | None = None,
         *,
         lanes: Lanes | None = None,
         forward_threads: ForwardThreads | None = None,
@@ -104,75 +110,83 @@ class Scheduler:
         max_wait_s: float = math.inf,
         observer: Observer | None = None,
         meter: PeakMeter | None = None,
-        on_peak: PeakListener | None = None,
+        corrections: trio.MemorySendChannel[float] | None = None,
         threads: Callable[[int], None] = set_threads,
     ) -> None:
-        self._gate = gate
-        self.lanes = lanes or plan_lanes(gate.workers, gate.workers, express_tokens=0)
-        self._forward_threads = forward_threads or ForwardThreads(self.lanes)
+        self.lanes = lanes = lanes or plan_lanes(1, 1, express_tokens=0)
+        self._gate = Gate(lanes.workers)  # closed until open()
+        self._forward_threads = forward_threads or ForwardThreads(lanes)
         self._set_threads = threads
-        self._policy = policy
-        self._given_policy = policy  # before the express lane's share is set aside
-        self._express_policy: BatchPolicy | None = None
-        self.set_policy(policy)
+        self._observer = observer = observer or _Unobserved()
+        self._calibration = Calibration(
+            policy or unlimited_policy(), lanes.express_tokens, observer, corrections
+        )
+        self._measured = 0  # passes that ran alone and were measured
+        self._last_measured: Peak | None = None
         self._batch_wait_s = batch_wait_s
         self._pace = pace = PassPace()
-        observer = observer or _Unobserved()
         self._queue = queue = WorkQueue(observer)
         self._passes = passes = Passes(
-            runner, self.lanes, pace, observer, meter=meter, on_peak=on_peak, set_threads=threads
+            runner, lanes, pace, observer, meter=meter, set_threads=threads
         )
         bounds = Bounds(max_queue_items, max_queue_tokens, max_wait_s)
-        self._admission = Admission(queue, pace, self.lanes, bounds, passes.seconds_left)
-        self._drain = Drain(queue, passes, gate, pace)
+        self._admission = Admission(queue, pace, lanes, bounds, passes.seconds_left)
+        self._drain = Drain(queue, passes, self._gate, pace)
         self._wake = trio.Event()  # set when work arrives or a lane frees up
         self._arriving = 0  # requests being tokenised, about to submit
 
-    # -- policies, pace, statistics ---------------------------------------------------
+    # -- the memory plan, the pace, the gate, statistics ------------------------------
 
     @property
     def policy(self) -> BatchPolicy:
         """The limits of regular passes (the given policy less the express lane's share)."""
-        return self._policy
+        return self._calibration.regular
 
     @property
     def express_policy(self) -> BatchPolicy | None:
         """The limits of express passes; None while the express lane is shut."""
-        return self._express_policy
+        return self._calibration.express
 
     @property
     def given_policy(self) -> BatchPolicy:
-        """The policy last given to :meth:`set_policy`."""
-        return self._given_policy
+        """The policy in force, before the express lane's share is set aside."""
+        return self._calibration.given
 
     def set_policy(self, policy: BatchPolicy) -> None:
-        """The limits of regular passes, and of express passes beside them (see
-        :func:`~bge_trio.scheduler.lanes.express_share`)."""
-        self._given_policy = policy
-        self._policy, self._express_policy = express_share(policy, self.lanes.express_tokens)
+        """Plan passes with ``policy`` from now on: the memory plan's limits, which served
+        passes then check (a correction multiplies its cost model)."""
+        self._calibration.plan(policy)
 
     def seed_pace(self, passes: Iterable[tuple[int, int, float]]) -> None:
-        """Start the pace from (batch, seq, seconds) passes timed elsewhere (the probe)."""
+        """Start the pace afresh from (batch, seq, seconds) passes timed elsewhere."""
         self._pace.seed(passes)
 
     def predict_seconds(self, batch: int, seq: int) -> float | None:
         """How long a pass of ``batch`` texts padded to ``seq`` takes (None: unknown yet)."""
         return self._pace.predict(batch, seq)
 
+    def open(self) -> None:
+        """Let forward passes run (startup is over, whatever its outcome; idempotent)."""
+        self._gate.open()
+
     def statistics(self) -> SchedulerStatistics:
         """A snapshot of what the scheduler holds and has done."""
         passes = self._passes
         return SchedulerStatistics(
+            gate_open=self._gate.is_open,
             queued_items=self._queue.items,
             queued_tokens=self._queue.tokens,
             forwarded_items=passes.forwarded_items,
             passes_stopped_early=passes.stopped_early,
             express_passes=passes.express_passes,
-            express_open=self._express_policy is not None,
+            express_open=self.express_policy is not None,
             consecutive_failures=passes.consecutive_failures,
             passes_observed=self._pace.passes,
             pace_curve=self._pace.curve(),
             pace_overhead_tokens=self._pace.overhead_tokens,
+            passes_measured=self._measured,
+            last_measured=self._last_measured,
+            drift=self._calibration.drift(),
         )
 
     # -- requests ---------------------------------------------------------------------
@@ -195,43 +209,46 @@ class Scheduler:
         self,
         token_lists: Sequence[Sequence[int]],
         outputs: frozenset[Output],
-        timing: Timing | None = None,
-    ) -> list[Embedding]:
+        *,
+        gate_deadline: float = math.inf,
+    ) -> Served:
         """Queue every text of one request and wait for all results, in input order.
 
-        If the caller is cancelled, the request's texts that have not started yet are
-        dropped, and a pass whose texts are all dropped stops at its next layer. A
-        failed forward pass raises BatchFailedError. Once the process is stopping, a
-        request that cannot finish by the drain's deadline raises ShuttingDownError.
+        Refusals are raised before anything is queued (TooSlow, Overloaded, ShuttingDown).
+        While the gate is still closed (startup), the texts wait for it until
+        ``gate_deadline`` (then NotReady). If the caller is cancelled, the request's texts
+        that have not started yet are dropped, and a pass whose texts are all dropped
+        stops at its next layer. A failed pass raises BatchFailed; a request that cannot
+        finish by the drain's deadline, ShuttingDown.
         """
         lengths = [len(ids) for ids in token_lists]
-        if self._drain.refuses(lengths, self._policy.max_batch_tokens):
-            raise ShuttingDownError("shutting down")
-        self._admission.admit(lengths, self._policy, self._express_policy is not None)
+        if self._drain.refuses(lengths, self.policy.max_batch_tokens):
+            raise shutting_down()
+        self._admission.admit(lengths, self.policy, self.express_policy is not None)
         ticket = Ticket(outputs, len(token_lists))
         now = trio.current_time()
         # All at once, no checkpoint: the scheduler must see a request's texts together,
         # or it plans a pass from the first few and the rest wait for the next.
         self._queue.add([WorkItem(ticket, i, ids, now) for i, ids in enumerate(token_lists)])
         self._wake.set()
-        try:
-            await ticket.done.wait()
-        except BaseException:
-            ticket.cancelled = True
-            self._wake.set()
-            raise
-        if isinstance(ticket.error, ShuttingDownError):
-            raise ShuttingDownError("shutting down")
+        with self._gate.until(gate_deadline) as waited:
+            try:
+                await ticket.done.wait()
+            except BaseException:
+                ticket.cancelled = True
+                self._wake.set()
+                raise
+        if waited.cancelled_caught:
+            raise gate_closed()
         if ticket.error is not None:
-            raise BatchFailedError("forward pass failed") from ticket.error
-        if timing is not None:
-            timing.queue_s, timing.inference_s = ticket.queue_s, ticket.inference_s
-        return [r for r in ticket.results if r is not None]
+            raise ticket.error
+        results = [r for r in ticket.results if r is not None]
+        return Served(results, ticket.queue_s, ticket.inference_s)
 
     def expected_wait_s(self, lengths: Sequence[int] = ()) -> float:
         """How long the queue plus texts of ``lengths`` take at the learnt pace; 0 if unknown."""
-        express_open = self._express_policy is not None
-        return self._admission.expected_wait_s(lengths, self._policy, express_open)
+        express_open = self.express_policy is not None
+        return self._admission.expected_wait_s(lengths, self.policy, express_open)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -259,7 +276,6 @@ class Scheduler:
                     continue
                 if on_express:
                     assert threads.express is not None
-                    self._passes.express_busy = True
                     lane = [threads.express]
                     nursery.start_soon(self._run_batch, batch, borrower, lane, True)
                 else:
@@ -279,20 +295,19 @@ class Scheduler:
             except trio.WouldBlock:
                 pass
             if self._express_work():
-                self._passes.express_busy = True
+                self._passes.reserve_express()
                 return True
             await self._changed()
 
     def _express_work(self) -> bool:
-        if self._express_policy is None or self._passes.express_busy:
+        if self.express_policy is None or self._passes.express_busy:
             return False
         limit = self.lanes.express_tokens
         return any(item.length <= limit and not item.abandoned for item in self._queue.pending)
 
     def _release(self, on_express: bool, borrower: object) -> None:
         if on_express:
-            self._passes.express_busy = False
-            self._passes.express_ended = time.monotonic()
+            self._passes.release_express()
         else:
             self._gate.limiter.release_on_behalf_of(borrower)
         self._wake.set()
@@ -308,31 +323,26 @@ class Scheduler:
                 await self._changed()
 
     def _take_batch(self, on_express: bool) -> list[WorkItem]:
-        self._queue.drop_abandoned()
-        pending = self._queue.pending
-        if on_express:
-            assert self._express_policy is not None
-            policy = self._express_policy
-            limit = self.lanes.express_tokens
-            candidates = [i for i, item in enumerate(pending) if item.length <= limit]
-        else:
-            policy = self._policy
-            candidates = list(range(len(pending)))
-        if not candidates:
-            return []
-        lengths = [pending[i].length for i in candidates]
-        chosen = plan_batch(lengths, policy, self._pace.overhead_tokens)
-        return self._queue.take(candidates[i] for i in chosen)
+        overhead = self._pace.overhead_tokens
+        if not on_express:
+            return self._queue.take_planned(self.policy, overhead)
+        assert self.express_policy is not None
+        return self._queue.take_planned(self.express_policy, overhead, self.lanes.express_tokens)
 
     async def _run_batch(
         self, batch: list[WorkItem], borrower: object, idle: list[PinnedThread], on_express: bool
     ) -> None:
         thread = idle.pop()
         try:
-            await self._passes.run(batch, thread, on_express, self._express_policy is not None)
+            express_open = self.express_policy is not None
+            peak = await self._passes.run(batch, thread, on_express, express_open)
         finally:
             idle.append(thread)
             self._release(on_express, borrower)
+        if peak is not None:
+            self._measured += 1
+            self._last_measured = peak
+            self._calibration.measured(peak)
 
     # -- failure and shutdown ---------------------------------------------------------
 
@@ -342,8 +352,8 @@ class Scheduler:
 
     def close(self, deadline: float) -> int:
         """From now on, keep only the work that can finish by ``deadline`` (see
-        :mod:`.drain`); returns how many requests were answered ShuttingDownError now."""
-        refused = self._drain.close(deadline, self._policy.max_batch_tokens)
+        :mod:`.drain`); returns how many requests were answered ShuttingDown now."""
+        refused = self._drain.close(deadline, self.policy.max_batch_tokens)
         self._wake.set()
         return refused
 
@@ -355,6 +365,7 @@ class Scheduler:
 
 @attrs.frozen
 class SchedulerStatistics:
+    gate_open: bool
     queued_items: int  # admitted texts not yet in a forward pass (or dropped)
     queued_tokens: int
     forwarded_items: int  # texts that reached the model
@@ -365,8 +376,6 @@ class SchedulerStatistics:
     passes_observed: int
     pace_curve: Curve | None  # (t0 s, t1 s/token, t2 s/token²)
     pace_overhead_tokens: float
-
-
-def unlimited_policy() -> BatchPolicy:
-    """A placeholder policy used before the memory model is known (the gate is closed)."""
-    return BatchPolicy(CONSERVATIVE, math.inf)
+    passes_measured: int  # ran alone, their peak read
+    last_measured: Peak | None
+    drift: Drift  # what the measured passes large enough to count said about the cost model

@@ -70,8 +70,8 @@ class PinnedThread:
 
 class ForwardThreads:
     """The pinned threads forward passes run on: one per regular worker, one for the
-    express lane where it exists. The service owns them and hands them to the
-    scheduler, which opens them while it runs; loading and the probe use the first.
+    express lane where it exists. The engine owns and opens them, runs loading and the
+    probe on the first, and hands them to its scheduler.
     """
 
     def __init__(self, lanes: Lanes) -> None:
@@ -81,7 +81,13 @@ class ForwardThreads:
 
     @contextlib.asynccontextmanager
     async def opened(self, set_threads: Callable[[int], None]) -> AsyncIterator[None]:
-        """Start the threads, each with its torch thread count, and stop them after."""
+        """Start the threads, each with its torch thread count, and stop them after.
+
+        Whoever opens them first owns them (the engine, for its whole life: loading and
+        the probe run on them too); opening them again while open changes nothing."""
+        if self.regular:
+            yield
+            return
         lanes = self.lanes
         regular = [PinnedThread(f"bge-trio-forward-{i}") for i in range(lanes.workers)]
         express = PinnedThread("bge-trio-express") if lanes.express else None

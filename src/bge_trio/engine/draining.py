@@ -14,29 +14,29 @@ from collections.abc import Iterator
 import trio
 
 from bge_trio import metrics
-from bge_trio.scheduler.scheduler import Scheduler, ShuttingDownError
+from bge_trio.errors import shutting_down
+from bge_trio.scheduler.scheduler import Scheduler
 
-log = logging.getLogger("bge_trio.service")
+log = logging.getLogger("bge_trio.engine")
 
 
 class Draining:
-    def __init__(self, scheduler: Scheduler, settled: trio.Event) -> None:
-        self._scheduler = scheduler
-        self._settled = settled  # set to wake requests still waiting for the model
+    def __init__(self, model: str) -> None:
+        self._model = model
         self.active = False
         self.requests_in_flight = 0  # embedding and score requests not yet answered
 
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
         self.requests_in_flight += 1
-        metrics.REQUESTS_IN_FLIGHT.inc()
+        metrics.REQUESTS_IN_FLIGHT.labels(self._model).inc()
         try:
             yield
         finally:
             self.requests_in_flight -= 1
-            metrics.REQUESTS_IN_FLIGHT.dec()
+            metrics.REQUESTS_IN_FLIGHT.labels(self._model).dec()
 
-    def begin(self, window_s: float, nursery: trio.Nursery | None) -> None:
+    def begin(self, window_s: float, scheduler: Scheduler | None, nursery: trio.Nursery) -> None:
         """Refuse new work; keep what finishes within ``window_s``; answer the rest.
 
         Requests whose texts, at the learnt pace, cannot finish in the window are answered
@@ -47,8 +47,7 @@ class Draining:
             return
         self.active = True
         deadline = trio.current_time() + window_s
-        self._settled.set()  # requests waiting for the model get their answer now
-        refused = self._scheduler.close(deadline)
+        refused = 0 if scheduler is None else scheduler.close(deadline)
         log.warning(
             "shutting down: new requests are refused; of %d in flight, %d could not finish "
             "within %.1f s and were answered 503 now; the rest finish or are answered by then",
@@ -56,9 +55,10 @@ class Draining:
             refused,
             window_s,
         )
-        if nursery is not None:
-            nursery.start_soon(self._end, deadline)
+        if scheduler is not None:
+            nursery.start_soon(_end, scheduler, deadline)
 
-    async def _end(self, deadline: float) -> None:
-        await trio.sleep_until(deadline)
-        self._scheduler.fail_everything(ShuttingDownError("shutting down"))
+
+async def _end(scheduler: Scheduler, deadline: float) -> None:
+    await trio.sleep_until(deadline)
+    scheduler.fail_everything(shutting_down())

@@ -1,6 +1,6 @@
 """The rules a request's inputs meet before they reach the scheduler, and the
 results put back together after: pure functions of the model, the settings and the
-memory budget.
+memory budget, used by the engine and the bulk job alike.
 
 An input longer than the model or the budget allows is truncated, refused, or
 chunked into overlapping windows whose results are merged (``long_input``).
@@ -9,23 +9,26 @@ chunked into overlapping windows whose results are merged (``long_input``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import attrs
+import numpy as np
 
 from bge_trio.config import LongInput
-from bge_trio.errors import TooLarge, invalid
-from bge_trio.model.encoder import Embedding, Encoder
+from bge_trio.errors import ContextLengthExceeded, InputTooLarge, invalid
+from bge_trio.model.encoder import Embedding, Encoder, ModelInfo
 from bge_trio.model.windows import Windows, merge, split
-from bge_trio.scheduler.scheduler import Timing
 
 
 @attrs.frozen(eq=False)
 class Embedded:
-    """Results of one request, in input order, with the tokens that went in."""
+    """Results of one request, in input order, with the tokens that went in and where its
+    time went (waiting for passes, in passes)."""
 
     embeddings: list[Embedding]
     token_ids: list[list[int]]
-    timing: Timing = attrs.field(factory=Timing)
+    queue_s: float = 0.0
+    inference_s: float = 0.0
     embedded_tokens: int | None = None  # every token embedded, when inputs were split
 
     @property
@@ -35,9 +38,8 @@ class Embedded:
         return sum(len(ids) for ids in self.token_ids)
 
 
-def check_outputs(encoder: Encoder, outputs: frozenset[str]) -> None:
+def check_outputs(info: ModelInfo, outputs: frozenset[str]) -> None:
     """Every output asked for has a head in this model."""
-    info = encoder.info
     missing = outputs - info.outputs
     if missing:
         raise invalid(
@@ -46,6 +48,37 @@ def check_outputs(encoder: Encoder, outputs: frozenset[str]) -> None:
             param="model",
             code="output_not_supported",
         )
+
+
+def check_dimensions(info: ModelInfo, value: object) -> int | None:
+    """``dimensions``: None, or an integer from 1 to the model's dimension."""
+    if value is None:
+        return None
+    if not is_int(value) or not 1 <= value <= info.dimension:
+        raise invalid(
+            f"'dimensions' must be an integer from 1 to {info.dimension}, not {value!r}",
+            param="dimensions",
+            code="invalid_dimensions",
+        )
+    return int(value)
+
+
+def is_int(value: object) -> TypeGuard[int | float]:
+    """An integer as JSON Schema counts them: 3 and 3.0 alike (not true or false)."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shortened(embedding: Embedding, dimensions: int | None) -> Embedding:
+    """The dense vector cut to its first ``dimensions`` values and re-normalised to unit
+    length (Matryoshka-style); the other outputs as they are."""
+    dense = embedding.dense
+    if dimensions is None or dense is None or dimensions >= dense.shape[-1]:
+        return embedding
+    cut = dense[:dimensions]
+    norm = float(np.linalg.norm(cut))
+    return attrs.evolve(embedding, dense=cut / norm if norm > 0 else cut)
 
 
 def check_token_ids(
@@ -89,18 +122,24 @@ def fit_lengths(
             fitted.append(split(ids, window, overlap, encoder.closing_ids))
             continue
         if len(ids) > max_seq and long_input == "error":
-            raise invalid(
+            raise ContextLengthExceeded(
                 f"input[{index}] has {len(ids)} tokens, more than the maximum of "
                 f"{max_seq}; shorten it, or send 'long_input': 'truncate' or 'chunk'",
-                param="input",
+                index=index,
+                tokens=len(ids),
+                limit=max_seq,
+                reason="model",
                 code="context_length_exceeded",
             )
         if len(ids) > fits and long_input == "error":
-            raise TooLarge(
+            raise InputTooLarge(
                 f"input[{index}] has {len(ids)} tokens; the largest text that fits this "
                 f"server's memory budget has {fits} tokens; shorten it, or send "
                 "'long_input': 'truncate' or 'chunk'",
-                param="input",
+                index=index,
+                tokens=len(ids),
+                limit=fits,
+                reason="memory",
                 code="input_too_large_for_memory",
             )
         fitted.append(Windows((tuple(encoder.truncate(ids, fits)),), 0))
@@ -108,7 +147,11 @@ def fit_lengths(
 
 
 def merged(
-    ids: list[list[int]], windows: list[Windows], results: list[Embedding], timing: Timing
+    ids: list[list[int]],
+    windows: list[Windows],
+    results: list[Embedding],
+    queue_s: float = 0.0,
+    inference_s: float = 0.0,
 ) -> Embedded:
     """One result per input from its windows' results; usage counts every window's tokens."""
     out = []
@@ -123,6 +166,7 @@ def merged(
             list(full) if len(w.token_ids) > 1 else list(w.token_ids[0])
             for full, w in zip(ids, windows, strict=True)
         ],
-        timing,
+        queue_s,
+        inference_s,
         embedded_tokens=sum(w.tokens for w in windows) if chunked else None,
     )
