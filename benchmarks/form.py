@@ -16,7 +16,12 @@ allocations, which one part must not pay for another), fp32, predictable allocat
 - ``minilm``, the bundled all-MiniLM-L6-v2 at 512 tokens, weights resident: the probe's
   warm-up shape measured twice (the first large pass of a process), the probe's four
   shapes and a one-text (1, 512) shape, and the fit with the one-text shape in place of
-  (2, 512) against the probe's own, judged on a held-out shape.
+  the probe's first against the probe's own, judged on a held-out shape.
+- ``sizes-fp32``, ``sizes-bf16``: all-MiniLM-L6-v2 at the probe's depth, passes of growing
+  token counts (small passes cost more per token: why the probe's shapes are all large).
+- ``kernel-caches-default``, ``kernel-caches-bounded``: what 40 bf16 passes of random
+  shapes leave resident with the libraries' kernel caches as they come and as every
+  bge-trio process bounds them.
 
 Writes ``docs/memory-form.json``, ``docs/memory-form-table.md`` and the same tables into
 ``docs/memory-model.md`` between its ``memory-form-table`` markers.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -52,6 +58,7 @@ from bge_trio.memory.probe import (
     resident_bytes,
 )
 from bge_trio.model.encoder import Encoder, _key_padding_mask
+from bge_trio.model.loading import bf16_supported, load_encoder
 from bge_trio.model.source import resolve_model
 from bge_trio.process import prepare_process
 
@@ -102,7 +109,7 @@ def _model_only(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor | None) 
 
 
 def m3_part() -> dict[str, Any]:
-    encoder = Encoder.load(resolve_model(str(standin())), dtype="fp32", threads=cpu_count())
+    encoder = load_encoder(resolve_model(str(standin())), dtype="fp32", threads=cpu_count())
     encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
     malloc_trim()
     loaded = resident_bytes()
@@ -159,7 +166,7 @@ def m3_part() -> dict[str, Any]:
 
 
 def minilm_part() -> dict[str, Any]:
-    encoder = Encoder.load(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
+    encoder = load_encoder(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
     encoder.make_weights_resident()
     encoder.forward(encoder.tokenize(["warm-up"]), encoder.info.outputs)
     malloc_trim()
@@ -201,7 +208,7 @@ def minilm_part() -> dict[str, Any]:
 
 def allocator_part(allocator: str) -> dict[str, Any]:
     """One shape measured again and again between passes of other shapes, as traffic runs."""
-    encoder = Encoder.load(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
+    encoder = load_encoder(resolve_model("bundled"), dtype="fp32", threads=cpu_count())
     encoder.make_weights_resident()
     meter = PeakMeter()
     forward = synthetic_forward(encoder)
@@ -220,6 +227,49 @@ def allocator_part(allocator: str) -> dict[str, Any]:
     }
 
 
+# Passes of growing token counts at two lengths: below a few thousand tokens the matrix
+# kernels choose other algorithms, and a pass costs more per token than a large one.
+SIZE_SHAPES = [(2, 128), (4, 128), (8, 128), (16, 128), (32, 128), (64, 128), (2, 512), (30, 512)]
+CACHE_PASSES = 40
+
+
+def sizes_part(dtype: str) -> dict[str, Any]:
+    """Peak per token of passes of growing size, at the probe's depth (why the probe's
+    shapes are all large)."""
+    encoder = load_encoder(
+        resolve_model("bundled"), dtype=dtype, max_seq_length=MINILM_MAX_SEQ, threads=cpu_count()
+    )
+    encoder.make_weights_resident()
+    meter = PeakMeter()
+    forward = synthetic_forward(encoder)
+    peaks = []
+    with encoder.shallow(PROBE_LAYERS):
+        forward(*_warm_up_shape(SIZE_SHAPES))
+        for batch, seq in SIZE_SHAPES:
+            forward(batch, seq)  # a new shape's kernels are compiled once, not in its peak
+            peak = _timed(meter, partial(forward, batch, seq), f"{dtype} {batch} x {seq}")
+            peaks.append({"batch": batch, "seq": seq, "peak": peak})
+    return {"dtype": encoder.info.dtype, "peaks": peaks}
+
+
+def kernel_cache_part() -> dict[str, Any]:
+    """What bf16 passes of many shapes leave resident, with the kernel caches as the
+    process has them (bounded by ``prepare_process``, or set larger by the caller)."""
+    encoder = load_encoder(resolve_model("bundled"), dtype="bf16", threads=cpu_count())
+    encoder.make_weights_resident()
+    forward = synthetic_forward(encoder)
+    forward(1, 8)
+    malloc_trim()
+    before = resident_bytes()
+    rng = np.random.default_rng(0)
+    for _ in range(CACHE_PASSES):
+        forward(int(rng.integers(1, 17)), int(rng.integers(8, 257)))
+    malloc_trim()
+    capacity = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")
+    print(f"  caches of {capacity}: +{(resident_bytes() - before) / MIB:.1f} MiB", flush=True)
+    return {"capacity": capacity, "passes": CACHE_PASSES, "grown": resident_bytes() - before}
+
+
 def _timed(meter: PeakMeter, fn: Callable[[], object], label: str) -> int:
     started = time.perf_counter()
     peak = meter.measure(fn)
@@ -232,6 +282,17 @@ PARTS: dict[str, Callable[[], dict[str, Any]]] = {
     "minilm": minilm_part,
     "allocator-predictable": partial(allocator_part, "predictable"),
     "allocator-fast": partial(allocator_part, "fast"),
+    "sizes-fp32": partial(sizes_part, "fp32"),
+    "sizes-bf16": partial(sizes_part, "bf16"),
+    "kernel-caches-bounded": kernel_cache_part,
+    "kernel-caches-default": kernel_cache_part,
+}
+# The libraries' own cache sizes, for the part that measures them (the process bounds them).
+PART_ENV = {
+    "kernel-caches-default": {
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024",
+        "LRU_CACHE_CAPACITY": "1024",
+    }
 }
 
 
@@ -242,6 +303,7 @@ def run_part(name: str) -> dict[str, Any]:
         subprocess.run(
             [sys.executable, "-m", "benchmarks.form", "--part", name, "--out", str(out)],
             check=True,
+            env={**os.environ, **PART_ENV.get(name, {})},
         )
         result: dict[str, Any] = json.loads(out.read_text())
         return result
@@ -256,7 +318,8 @@ def main() -> None:
     args = parser.parse_args()
     path = DOCS / "memory-form.json"
     if args.part:
-        prepare_process(args.part.removeprefix("allocator-") if "-" in args.part else "predictable")
+        allocator = args.part.removeprefix("allocator-")
+        prepare_process(allocator if allocator in ("predictable", "fast") else "predictable")
         args.out.write_text(json.dumps(PARTS[args.part]()))
         return
     if not args.tables_only:
@@ -265,6 +328,7 @@ def main() -> None:
             "threads": cpu_count(),
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "bf16_native": bf16_supported(),
         }
         for name in args.parts.split(","):
             print(name, flush=True)
@@ -288,6 +352,8 @@ def table(report: dict[str, Any]) -> str:
         *_minilm_tables(report["minilm"]),
         *_repeat_table(report),
         *_allocator_table(report),
+        *_sizes_table(report),
+        *_kernel_cache_table(report),
     ]
     return "\n".join(lines)
 
@@ -420,14 +486,15 @@ def _minilm_tables(minilm: dict[str, Any]) -> list[str]:
                 _pct(fit["held_out_error_pct"]),
             ]
         )
+    first = minilm["fits"]["probe_shapes"]["shapes"][0]
     return _markdown(
         f"all-MiniLM-L6-v2 at {longest} tokens, fp32: the probe's warm-up shape "
         f"{_shape(warm)} peaks at {_mib(warm['first'])} MiB as a "
         f"process's first large pass and {_mib(warm['again'])} MiB after; one text of "
-        f"{longest} tokens at {_mib(peak[(1, longest)])} MiB, two at "
-        f"{_mib(peak[(2, longest)])} MiB. Fitted from "
+        f"{longest} tokens at {_mib(peak[(1, longest)])} MiB, {first[0]} at "
+        f"{_mib(peak[tuple(first)])} MiB. Fitted from "
         f"the probe's four shapes, and from the same with one text at {longest} "
-        f"in place of two, judged on {_shape(held)}:",
+        f"in place of {first[0]}, judged on {_shape(held)}:",
         ["shapes", "a B/token", "b B/token²", "c MiB", "held-out error"],
         rows,
     )
@@ -447,6 +514,47 @@ def _allocator_table(report: dict[str, Any]) -> list[str]:
         "all-MiniLM-L6-v2: one shape measured again and again, each time after three passes "
         "of random other shapes, under each allocator:",
         ["allocator", "shape", "peaks MiB, lowest to highest", "highest against lowest"],
+        rows,
+    )
+
+
+def _sizes_table(report: dict[str, Any]) -> list[str]:
+    runs = [report[name] for name in ("sizes-fp32", "sizes-bf16") if name in report]
+    if not runs:
+        return []
+    native = report["machine"].get("bf16_native")
+    rows = []
+    for index, first in enumerate(runs[0]["peaks"]):
+        tokens = first["batch"] * first["seq"]
+        cells = [_shape(first), str(tokens)]
+        for run in runs:
+            peak = run["peaks"][index]["peak"]
+            cells += [_mib(peak), f"{peak / tokens / 1024:.1f}"]
+        rows.append(cells)
+    header = ["shape", "tokens"]
+    for run in runs:
+        header += [f"{run['dtype']} MiB", f"{run['dtype']} KB per token"]
+    return _markdown(
+        "all-MiniLM-L6-v2 at the probe's depth (two layers), weights resident, passes of "
+        f"growing size (bf16 {'native' if native else 'emulated'} on this CPU):",
+        header,
+        rows,
+    )
+
+
+def _kernel_cache_table(report: dict[str, Any]) -> list[str]:
+    rows = [
+        [run["capacity"], str(run["passes"]), _mib(run["grown"])]
+        for name in ("kernel-caches-default", "kernel-caches-bounded")
+        if (run := report.get(name)) is not None
+    ]
+    if not rows:
+        return []
+    return _markdown(
+        "all-MiniLM-L6-v2 in bf16: what passes of random shapes (1 to 16 texts of 8 to 256 "
+        "tokens) leave resident, by the capacity of the kernel caches (1,024: the libraries' "
+        "default; 16: what every bge-trio process sets):",
+        ["kernel cache entries", "passes", "resident size grown MiB"],
         rows,
     )
 

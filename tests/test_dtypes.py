@@ -5,6 +5,7 @@ only emulates it, so a machine without native bf16 still runs its code paths."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from bge_trio.config import Settings
 from bge_trio.memory.cache import make_key
 from bge_trio.memory.plan import cache_key_for
 from bge_trio.model.encoder import Encoder
-from bge_trio.model.loading import bf16_supported
+from bge_trio.model.loading import bf16_supported, load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.testing.docs import decoder_from_docs
 from tests.conftest import SettingsFactory, running_server
@@ -29,14 +30,14 @@ TEXTS = ["A cat sleeps on the sofa.", "The stock market fell sharply.", "Bonjour
 
 @pytest.fixture(scope="module")
 def fp32(bundled_source: ModelSource) -> Encoder:
-    return Encoder.load(bundled_source, dtype="fp32", threads=2)
+    return load_encoder(bundled_source, dtype="fp32", threads=2)
 
 
 @pytest.mark.parametrize(("dtype", "min_cosine"), [("bf16", 0.99), ("int8", 0.9)])
 def test_variant_is_close_to_fp32(
     bundled_source: ModelSource, fp32: Encoder, dtype: str, min_cosine: float
 ) -> None:
-    variant = Encoder.load(bundled_source, dtype=dtype, threads=2)
+    variant = load_encoder(bundled_source, dtype=dtype, threads=2)
     assert variant.info.dtype == dtype  # not an fp32 compared with itself
     ids = fp32.tokenize(TEXTS)
     for a, b in zip(fp32.forward(ids), variant.forward(ids), strict=True):
@@ -47,8 +48,8 @@ def test_variant_is_close_to_fp32(
 
 def test_bf16_runs_bf16_weights_and_answers_in_float32(tiny_model_dir: Path) -> None:
     source = resolve_model(str(tiny_model_dir))
-    reference = Encoder.load(source, dtype="fp32", threads=2)
-    variant = Encoder.load(source, dtype="bf16", threads=2)
+    reference = load_encoder(source, dtype="fp32", threads=2)
+    variant = load_encoder(source, dtype="bf16", threads=2)
     assert variant.info.dtype == "bf16"
     assert {p.dtype for p in variant.model.parameters()} == {torch.bfloat16}
     ids = reference.tokenize(TEXTS)
@@ -66,7 +67,7 @@ def test_bf16_runs_bf16_weights_and_answers_in_float32(tiny_model_dir: Path) -> 
 def test_dtype_is_part_of_the_cache_key(
     tiny_encoder: Encoder, tiny_model_dir: Path, dtype: str
 ) -> None:
-    variant = Encoder.load(resolve_model(str(tiny_model_dir)), dtype=dtype, threads=1)
+    variant = load_encoder(resolve_model(str(tiny_model_dir)), dtype=dtype, threads=1)
     settings = Settings(model="tiny")
     key = cache_key_for(tiny_encoder, settings)  # (threads are read now: the same for both)
     assert key["dtype"] == "fp32"
@@ -93,6 +94,8 @@ def test_native_bf16_follows_the_cpu_s_own_flags() -> None:
     """What ``auto`` decides on, checked against the kernel's list of CPU features: the
     bf16 dot-product instructions (AVX512-BF16) or AMX mean native bf16; a CPU without
     AVX-512 at all has none."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        pytest.skip("ONEDNN_MAX_CPU_ISA caps what oneDNN uses below what the CPU has")
     flags = _cpu_flags()
     if flags & {"avx512_bf16", "amx_bf16"}:
         assert bf16_supported()

@@ -7,18 +7,13 @@ probe`` and the benchmarks alike, so they all measure the same process.
   in a server's log (model loading reports what matters itself);
 - oneDNN's caches of compiled kernels (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, and
   ideep's ``LRU_CACHE_CAPACITY`` above it): bf16 matrix products compile a kernel per
-  shape, and both caches keep up to 1,024 of them with their buffers, about half a MiB
-  each. Every distinct batch shape a server meets adds some (measured on this
-  project's benchmarks: +105 MiB of resident memory after 40 random shapes on the
-  BGE-M3 stand-in in bf16, +104 MiB on all-MiniLM-L6-v2), never given back, so the
-  resident size would grow with traffic for hours past what the budget counted. A
-  pass uses a handful of shapes (each layer repeats them), so a small cache costs
-  nothing measurable in speed and bounds the growth (+10 MiB after the same 40
-  shapes). Set before the first kernel is compiled; a value already in the
-  environment is kept.
-
-torch's thread count is not set here: it belongs to each forward thread (see
-:func:`bge_trio.model.encoder.set_threads`).
+  shape, and both caches keep up to 1,024 of them with their buffers. Every distinct
+  batch shape a server meets adds some, never given back, so the resident size would
+  grow with traffic past what the budget counted (``benchmarks.form`` measures it:
+  94 MiB after 40 random shapes on all-MiniLM-L6-v2 in bf16). A pass uses a handful of
+  shapes (each layer repeats them), so a small cache costs nothing measurable in speed
+  and bounds the growth (7.5 MiB after the same 40). Set before the first kernel is
+  compiled; a value already in the environment is kept.
 """
 
 from __future__ import annotations

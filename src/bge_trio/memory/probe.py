@@ -141,28 +141,28 @@ def probe_shapes(
 
     Three shapes of the same ``T = max(max_seq, min_tokens)`` tokens at S = max_seq,
     max_seq/4 and max_seq/16 (the same tokens at other lengths tell the per-token²
-    term from the per-token one, and the longest length is measured), and one of 2·T
-    tokens at S = max_seq/16 (another token count tells the per-pass constant from the
-    rest; short texts keep it cheap). Batches of more than one text are padded, as real
-    batches are.
+    term from the per-token one, and the longest length is measured), and one of another
+    token count at S = max_seq/16 (it tells the per-pass constant from the rest; short
+    texts keep it cheap): T/2 where that is still ``min_tokens`` or more, else 2·T.
+    Batches of more than one text are padded, as real batches are.
 
     Every shape has thousands of tokens. Small passes cost more per token than large
-    ones (the matrix kernels pick other algorithms for few rows): all-MiniLM-L6-v2 in
-    bf16 costs 12.8 KB per token at 1,024 tokens, 9.3 at 2,048 and 8.5 from 4,096 up; in
-    fp32 30.8 at 512 and 16.7-17.4 from 1,024 up (``benchmarks.form``). A small shape in
-    the fit would be read as a per-token² or per-pass cost that over-predicts every large
-    pass by tens of percent (or, as the second token count, one that under-predicts
-    them), and the large passes are the ones the budget is about. At
-    BGE-M3's 8,192 tokens the longest shape is one text (one text costs what a padded
-    batch of the same tokens does there), which keeps the probe's slowest pass (attention
-    over 8,192 positions) to one text. A shape the conservative model says might not fit
-    the workspace has its batch halved until it does, and is skipped if even batch 1
-    does not fit.
+    ones (the matrix kernels pick other algorithms for few rows: ``benchmarks.form``'s
+    passes of growing size, all-MiniLM-L6-v2 at about 13 KB per token up to 1,024
+    tokens and 8.4 from 2,048 up in bf16). A small shape in the fit would be read as a
+    per-token² or per-pass cost that over-predicts every large pass by tens of percent
+    (or, as the second token count, one that under-predicts them), and the large passes
+    are the ones the budget is about. At BGE-M3's 8,192 tokens the longest shape is one
+    text (one text costs what a padded batch of the same tokens does there), which keeps
+    the probe's slowest pass (attention over 8,192 positions) to one text. A shape the
+    conservative model says might not fit the workspace has its batch halved until it
+    does, and is skipped if even batch 1 does not fit.
     """
     tokens = max(max_seq, min_tokens)
     lengths = [max_seq, max(8, max_seq // 4), max(8, max_seq // 16)]
     wanted = [(tokens // seq, seq) for seq in lengths]
-    wanted.append((2 * tokens // lengths[-1], lengths[-1]))
+    other = tokens // 2 if tokens // 2 >= min_tokens else 2 * tokens
+    wanted.append((other // lengths[-1], lengths[-1]))
     shapes: list[tuple[int, int]] = []
     for batch, seq in wanted:
         batch = max(1, batch)
