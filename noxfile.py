@@ -76,7 +76,9 @@ def bench(session: nox.Session) -> None:
     document's response size on the full-size stand-in) about five; ``bulk``
     (``bge-trio embed`` alone and on Ray against the server, same corpus) about five;
     ``form`` (what decided the cost model's form, the weight copy and the probe's shapes,
-    on the stand-in and MiniLM, in-process) about five.
+    on the stand-in and MiniLM, in-process) about five; ``rerank`` (a cross-encoder beside
+    BGE-M3 in one server, full-size stand-ins: a rerank of 100 documents alone, beside short
+    queries, beside long documents) about twelve.
     Options after
     the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """

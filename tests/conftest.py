@@ -29,13 +29,24 @@ from bge_trio.model.encoder import Encoder, ModelInfo
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.scheduler.scheduler import Scheduler, SchedulerStatistics
-from bge_trio.testing import build_tiny_m3
-from tests.reference import ReferenceM3
+from bge_trio.testing import build_tiny_m3, build_tiny_reranker
+from tests.reference import ReferenceM3, ReferenceReranker
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_m3(tmp_path_factory.mktemp("tiny-m3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_reranker(tmp_path_factory.mktemp("tiny-reranker"))
+
+
+@pytest.fixture(scope="session")
+def reference_reranker(tiny_reranker_dir: Path) -> ReferenceReranker:
+    """FlagReranker's algorithm, written out, on the tiny cross-encoder."""
+    return ReferenceReranker(tiny_reranker_dir)
 
 
 @pytest.fixture(scope="session")

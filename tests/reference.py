@@ -108,3 +108,45 @@ def assert_dense_answer(response: httpx.Response, reference: ReferenceM3, texts:
         np.testing.assert_allclose(item["embedding"], ref.dense, atol=1e-5)
     tokens = sum(ref.tokens for ref in expected)
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+class ReferenceReranker:
+    """FlagEmbedding's ``FlagReranker.compute_score``, written out: the query's tokens cut
+    to 3/4 of ``max_length``, the passage's to ``max_length``, the pair built by the
+    tokenizer's pair template with the passage cut so the whole fits (``only_second``),
+    one pair at a time through plain transformers, the logit as the score."""
+
+    def __init__(self, model_dir: Path, max_length: int = 512) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), dtype=torch.float32
+        ).eval()
+        self.max_length = max_length
+
+    def pair(self, query: str, passage: str) -> list[int]:
+        q = self.tokenizer.encode(query, add_special_tokens=False).ids[: self.max_length * 3 // 4]
+        p = self.tokenizer.encode(passage, add_special_tokens=False).ids[: self.max_length]
+        specials = self.tokenizer.num_special_tokens_to_add(True)
+        overflow = len(q) + len(p) + specials - self.max_length
+        if overflow > 0:
+            p = p[: len(p) - overflow]
+        cls, sep = self.tokenizer.token_to_id("<s>"), self.tokenizer.token_to_id("</s>")
+        assert cls is not None
+        assert sep is not None
+        return [cls, *q, sep, sep, *p, sep]  # XLM-R's pair template
+
+    def logits(self, query: str, passages: list[str]) -> list[float]:
+        out = []
+        with torch.no_grad():
+            for passage in passages:
+                ids = torch.tensor([self.pair(query, passage)])
+                out.append(float(self.model(input_ids=ids).logits[0, 0]))
+        return out
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + float(np.exp(-x)))

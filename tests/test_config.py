@@ -69,3 +69,39 @@ def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(
     if asked == "auto":
         assert reason.startswith("auto:")
     assert ("emulated" in reason) == (served == "bf16" and not native)
+
+
+def test_several_models_are_a_comma_separated_list_each_optionally_named() -> None:
+    settings = Settings.from_env(
+        {
+            "BGE_TRIO_MODEL": " m3=/models/bge-m3 , /models/bge-reranker-v2-m3",
+            "BGE_TRIO_MAX_SEQ_LENGTH": "4096",
+            "BGE_TRIO_RERANK_MAX_LENGTH": "1024",
+        }
+    )
+    first, second = settings.models()
+    assert (first.name, first.spec) == ("m3", "/models/bge-m3")
+    assert (second.name, second.spec) == (None, "/models/bge-reranker-v2-m3")
+    embedder = settings.for_model(first, reranker=False)
+    assert (embedder.model, embedder.model_name, embedder.max_seq_length) == (
+        "/models/bge-m3",
+        "m3",
+        4096,
+    )
+    reranker = settings.for_model(second, reranker=True)
+    assert (reranker.model_name, reranker.max_seq_length) == (None, 1024)
+    assert Settings.from_env({}).models()[0].spec == "BAAI/bge-m3"  # one model, as before
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BGE_TRIO_MODEL": "a,,b"}, "comma-separated list"),
+        ({"BGE_TRIO_MODEL": "=/models/x"}, "comma-separated list"),
+        ({"BGE_TRIO_MODEL": "x=/a,x=/b"}, "same name"),
+        ({"BGE_TRIO_MODEL": "/a,/b", "BGE_TRIO_MODEL_NAME": "one"}, "MODEL_NAME names one"),
+    ],
+)
+def test_a_model_list_that_cannot_be_served_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)

@@ -25,6 +25,7 @@ GENERATED: dict[str, tuple[str | None, str, str, str]] = {
     "memory-form-table": ("memory-model.md", "memory-form.json", "form", "memory-form-table.md"),
     "memory-m3-table": ("memory-model.md", "memory-m3.json", "m3", "memory-m3-table.md"),
     "bulk-table": ("scale-out.md", "bulk.json", "bulk", "bulk-table.md"),
+    "rerank-table": ("performance.md", "rerank.json", "rerank", "rerank-table.md"),
     "shutdown-table": (None, "shutdown.json", "shutdown", "shutdown-table.md"),  # linked, not shown
 }
 

@@ -10,18 +10,14 @@ import attrs
 import pytest
 import trio
 
-from bge_trio.cgroups import detect_cpu_limit
-from bge_trio.config import Settings
-from bge_trio.engine import EmbedRequest, Engine, Engines
-from bge_trio.engine.startup import StartupOrder
+from bge_trio.config import ConfigError, Settings
+from bge_trio.engine import EmbedRequest, Engines, serving_engines
 from bge_trio.engine.state import Loading, Ready
 from bge_trio.errors import InvalidRequest
 from bge_trio.memory.budget import Budget
 from bge_trio.memory.plan import MemoryPlan, plan_memory
 from bge_trio.memory.probe import Progress
 from bge_trio.model.encoder import DENSE, Encoder
-from bge_trio.model.source import resolve_model
-from bge_trio.scheduler.lanes import plan_lanes
 from tests.conftest import SettingsFactory
 
 
@@ -48,23 +44,8 @@ class RecordingPlanner:
 def _engines(
     tiny_model_dir: Path, settings_for: SettingsFactory, planner: RecordingPlanner
 ) -> Engines:
-    source = resolve_model(str(tiny_model_dir))
-    cpu = detect_cpu_limit()
-    lanes = plan_lanes(cpu.threads, 1, express_tokens=0)
-    order = StartupOrder(engines=2, forwards=2 * lanes.workers)
-    return Engines(
-        [
-            Engine(
-                settings_for(tiny_model_dir, model_name=name),
-                source,
-                lanes,
-                cpu,
-                planner=planner,
-                order=order,
-            )
-            for name in ("first", "second")
-        ]
-    )
+    settings = settings_for(f"first={tiny_model_dir},second={tiny_model_dir}", workers=1)
+    return serving_engines(settings, planner=planner)
 
 
 async def test_two_engines_probe_one_at_a_time_and_open_together(
@@ -88,8 +69,9 @@ async def test_two_engines_probe_one_at_a_time_and_open_together(
         nursery.cancel_scope.cancel()
     (_, first_end), (second_start, _) = sorted(planner.spans)
     assert first_end <= second_start  # one probe at a time: the high-water mark is per process
-    # both planned with the budget of every forward pass of both engines
-    assert [budget.concurrent_forwards for budget in planner.budgets] == [2, 2]
+    # both planned with one worker's share: the engines take turns on the one worker
+    # (no more passes at once than with one model), so they do not split the memory
+    assert [budget.concurrent_forwards for budget in planner.budgets] == [1, 1]
 
 
 async def test_no_gate_opens_before_every_engine_has_planned(
@@ -141,3 +123,10 @@ def test_every_forward_pass_of_every_engine_gets_an_equal_share() -> None:
     free = (8 << 30) - (2 << 30) - (256 << 20)
     assert alone.workspace_bytes == int(free * 0.7)
     assert shared.workspace_bytes == int(free * 0.7 / 3)
+
+
+def test_two_models_served_by_one_name_are_refused(
+    tiny_model_dir: Path, settings_for: SettingsFactory
+) -> None:
+    with pytest.raises(ConfigError, match="same name"):
+        serving_engines(settings_for(f"{tiny_model_dir},{tiny_model_dir}"))

@@ -27,12 +27,12 @@ from quart_trio import QuartTrio
 from bge_trio import logs
 from bge_trio.api import embeddings, errors, hooks, operations, retrieval
 from bge_trio.config import Settings
-from bge_trio.engine import Engines, one_engine
+from bge_trio.engine import Engines, serving_engines
 from bge_trio.engine.prepare import LoadEncoder
 from bge_trio.hosting import Host, watch_for_shutdown
 from bge_trio.memory.plan import Planner, plan_memory
 from bge_trio.model.loading import load_encoder
-from bge_trio.model.source import ModelSource, resolve_model
+from bge_trio.model.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,12 @@ def create_app(
     load_encoder: LoadEncoder = load_encoder,
     host: Host | None = None,
 ) -> QuartTrio:
-    """Build the app; raises ConfigError / ModelNotFoundError for a bad configuration."""
+    """Build the app; raises ConfigError / ModelNotFoundError / ModelConfigError for a bad
+    configuration. ``source``: the one model to serve, already resolved."""
     settings = settings or Settings.from_env()
     logs.configure(settings.log_level)
-    source = source or resolve_model(settings.model)
-    engines = one_engine(settings, source, root=root, planner=planner, load=load_encoder)
+    sources = None if source is None else [source]
+    engines = serving_engines(settings, sources, root=root, planner=planner, load=load_encoder)
 
     app = QuartTrio("bge_trio")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -14,13 +14,14 @@ from quart_trio import QuartTrio
 from bge_trio.app import create_app
 from bge_trio.config import ConfigError
 from bge_trio.hosting import hypercorn_worker
+from bge_trio.model.encoder import ModelConfigError
 from bge_trio.model.source import ModelNotFoundError
 
 
 def _build() -> QuartTrio:
     try:
         return create_app(host=hypercorn_worker())
-    except (ConfigError, ModelNotFoundError) as exc:
+    except (ConfigError, ModelNotFoundError, ModelConfigError) as exc:
         print(f"bge-trio: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -21,6 +21,8 @@ import trio
 
 from bge_trio import __version__
 from bge_trio.config import PREFIX, ConfigError, Settings
+from bge_trio.model.encoder import ModelConfigError
+from bge_trio.model.loading import model_kind
 from bge_trio.model.source import ModelNotFoundError, resolve_model
 
 # flag -> environment variable suffix
@@ -41,7 +43,11 @@ _SETTING_FLAGS = {
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="local directory, 'bundled', or a cached Hugging Face id")
+    parser.add_argument(
+        "--model",
+        help="local directory, 'bundled', or a cached Hugging Face id; several: "
+        "comma-separated, each optionally name=path (an embedder and a cross-encoder)",
+    )
     parser.add_argument("--model-name", help="model id reported to clients")
     parser.add_argument("--max-seq-length", help="longest input in tokens")
     parser.add_argument("--workers", help="concurrent forward passes per process")
@@ -114,8 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _export_settings(args)
-        source = resolve_model(settings.model)
-    except (ConfigError, ModelNotFoundError) as exc:
+        # every model, with its own settings (a reranker's longest input is its own)
+        models = []
+        for entry in settings.models():
+            source = resolve_model(entry.spec)
+            reranker = model_kind(source.path) == "reranker"
+            models.append((settings.for_model(entry, reranker=reranker), source, reranker))
+    except (ConfigError, ModelNotFoundError, ModelConfigError) as exc:
         print(f"bge-trio: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
@@ -123,10 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "embed":
         from bge_trio.bulk.command import run_embed_command
 
-        return run_embed_command(args, settings, source)
+        embedders = [(own, source) for own, source, reranker in models if not reranker]
+        if not embedders:
+            print("bge-trio: embed needs an embedding model; none is configured", file=sys.stderr)
+            return 2
+        return run_embed_command(args, *embedders[0])
     from bge_trio.probe_cli import run_probe_command
 
-    return run_probe_command(settings, source)
+    return max(run_probe_command(own, source) for own, source, _ in models)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

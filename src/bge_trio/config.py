@@ -28,13 +28,23 @@ class ConfigError(ValueError):
     """A setting has a value the server cannot run with."""
 
 
+@attrs.frozen
+class ModelEntry:
+    """One model of ``BGE_TRIO_MODEL``: its path or id, and the name it is served by
+    (None: its own)."""
+
+    name: str | None
+    spec: str
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """Everything the server is configured with; see docs/operations.md for each variable."""
 
-    model: str = "BAAI/bge-m3"
+    model: str = "BAAI/bge-m3"  # one model, or several: "a,b" or "name=path,name=path"
     model_name: str | None = None
     max_seq_length: int | None = None
+    rerank_max_length: int | None = None  # None: 512 tokens per pair (FlagReranker's)
     workers: int | None = None  # None: auto (see scheduler/lanes.py)
     express_tokens: int = 256
     processes: int = 1
@@ -67,11 +77,44 @@ class Settings:
     log_level: str = "INFO"
 
     def __attrs_post_init__(self) -> None:
+        entries = self.models()  # checks the list
+        if self.model_name is not None and len(entries) > 1:
+            raise ConfigError(
+                f"{PREFIX}MODEL_NAME names one model; with several, name each in "
+                f"{PREFIX}MODEL as name=path"
+            )
         if self.chunk_window is not None and self.chunk_overlap * 2 > self.chunk_window - 2:
             raise ConfigError(
                 f"{PREFIX}CHUNK_OVERLAP={self.chunk_overlap} must be under half of "
                 f"{PREFIX}CHUNK_WINDOW={self.chunk_window} (less its two special tokens)"
             )
+
+    def models(self) -> tuple[ModelEntry, ...]:
+        """The served models, in order (the first of each kind is its default)."""
+        entries = []
+        for part in self.model.split(","):
+            name, sep, spec = part.strip().partition("=")
+            if not sep:
+                name, spec = "", name
+            if not spec.strip() or (sep and not name.strip()):
+                raise ConfigError(
+                    f"{PREFIX}MODEL={self.model!r}: expected a model, or a comma-separated "
+                    "list of models, each a path or id, optionally as name=path"
+                )
+            entries.append(ModelEntry(name.strip() or None, spec.strip()))
+        names = [entry.name for entry in entries if entry.name is not None]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"{PREFIX}MODEL={self.model!r}: two models have the same name")
+        return tuple(entries)
+
+    def for_model(self, entry: ModelEntry, *, reranker: bool) -> Settings:
+        """One model's own settings: its path and name, and its longest input."""
+        return attrs.evolve(
+            self,
+            model=entry.spec,
+            model_name=entry.name or self.model_name,
+            max_seq_length=self.rerank_max_length if reranker else self.max_seq_length,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +132,7 @@ class Settings:
             model=r.get("MODEL", _nonempty, "BAAI/bge-m3"),
             model_name=r.get("MODEL_NAME", _nonempty, None),
             max_seq_length=r.get("MAX_SEQ_LENGTH", _int(8, 1_000_000), None),
+            rerank_max_length=r.get("RERANK_MAX_LENGTH", _int(16, 1_000_000), None),
             workers=r.get("WORKERS", _auto(_int(1, 64)), None),
             express_tokens=r.get("EXPRESS_TOKENS", _int(0, 1_000_000), 256),
             processes=r.get("PROCESSES", _int(1, 256), 1),

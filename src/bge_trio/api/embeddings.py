@@ -93,7 +93,7 @@ async def _dense_embeddings(payload: dict[str, Any], default: frozenset[Output])
 async def _embed(
     payload: dict[str, Any], outputs: frozenset[Output], dimensions: object = None
 ) -> tuple[Engine, Embedded]:
-    engine = engine_for(payload)
+    engine = engine_for(payload, kind="embedding")
     limits = settings()
     inputs = schemas.parse_inputs(
         payload.get("input"), max_items=limits.max_batch, max_chars=limits.max_input_chars

@@ -124,6 +124,10 @@ _RERANKED = {
                 "properties": {
                     "index": {"type": "integer"},
                     "relevance_score": {"type": "number"},
+                    "raw_score": {
+                        "type": "number",
+                        "description": "a cross-encoder's logit (relevance_score is its sigmoid)",
+                    },
                     "document": {"type": "object", "properties": {"text": {"type": "string"}}},
                 },
             },
@@ -364,34 +368,32 @@ def _retrieval_paths(limits: Limits) -> dict[str, Any]:
             ["queries", "documents"],
             {"type": "object"},
         ),
-        "/v1/rerank": _post(
-            "Documents ranked for a query by the hybrid score, in the shape of the "
-            f"Cohere, Jina and TEI rerank APIs (at most {limits.max_pairs} documents)",
+        "/v1/rerank": _rerank(limits, text),
+        "/v2/rerank": _rerank(limits, text),
+        "/rerank": _post(
+            "TEI's rerank: documents ranked for a query, best first; score = sigmoid of a "
+            "cross-encoder's logit (the logit with raw_scores), or an embedding model's "
+            f"hybrid score (at most {limits.max_pairs} texts)",
             {
                 "query": text,
-                "documents": {
-                    "type": "array",
-                    "items": {
-                        "anyOf": [
-                            text,
-                            {
-                                "type": "object",
-                                "required": ["text"],
-                                "properties": {"text": text},
-                            },
-                        ]
-                    },
-                    "minItems": 1,
-                    "maxItems": min(limits.max_items, limits.max_pairs),
-                },
-                "weights": _optional(_weights(limits)),
-                "top_n": _optional({"type": "integer", "minimum": 1}),
-                "return_documents": {"type": "boolean"},
+                "texts": {**texts, "maxItems": min(limits.max_items, limits.max_pairs)},
+                "raw_scores": {"type": "boolean"},
+                "return_text": {"type": "boolean"},
                 "model": _optional({"type": "string"}),
-                "user": _optional({"type": "string"}),
             },
-            ["query", "documents"],
-            _RERANKED,
+            ["query", "texts"],
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "score"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "score": {"type": "number"},
+                        "text": {"type": "string"},
+                    },
+                },
+            },
         ),
         "/tokenize": _post(
             "Token ids with their text pieces and offsets",
@@ -411,9 +413,43 @@ def _retrieval_paths(limits: Limits) -> dict[str, Any]:
     }
 
 
+def _rerank(limits: Limits, text: dict[str, Any]) -> dict[str, Any]:
+    return _post(
+        "Documents ranked for a query, in the shape of the Cohere (v1 and v2), Jina and "
+        "vLLM rerank APIs: by a cross-encoder (relevance_score = sigmoid(logit), raw_score "
+        "= the logit) when the model is one or the request names none and one is served, "
+        f"else by the hybrid score (at most {limits.max_pairs} documents)",
+        {
+            "query": text,
+            "documents": {
+                "type": "array",
+                "items": {
+                    "anyOf": [
+                        text,
+                        {
+                            "type": "object",
+                            "required": ["text"],
+                            "properties": {"text": text},
+                        },
+                    ]
+                },
+                "minItems": 1,
+                "maxItems": min(limits.max_items, limits.max_pairs),
+            },
+            "weights": _optional(_weights(limits)),
+            "top_n": _optional({"type": "integer", "minimum": 1}),
+            "return_documents": {"type": "boolean"},
+            "model": _optional({"type": "string"}),
+            "user": _optional({"type": "string"}),
+        },
+        ["query", "documents"],
+        _RERANKED,
+    )
+
+
 def _operation_paths() -> dict[str, Any]:
     return {
-        "/v1/models": _get("The served model", (401, 503)),
+        "/v1/models": _get("The served models, each with its kind", (401, 503)),
         "/health": _health(),
         "/live": _get("Liveness"),
         "/info": _get("Server, model and memory-model details", (401,)),

@@ -23,13 +23,15 @@ async def models() -> Response:
     deadline = startup_deadline()
     for engine in engines():
         info = await engine.loaded(deadline)
+        shape = {"dimension": info.dimension} if info.kind == "embedding" else {"labels": 1}
         data.append(
             {
                 "id": info.name,
                 "object": "model",
                 "created": CREATED,
                 "owned_by": "bge-trio",
-                "dimension": info.dimension,
+                "kind": info.kind,
+                **shape,
                 "max_seq_length": info.max_seq_length,
                 "outputs": sorted(info.outputs),
             }
@@ -39,8 +41,14 @@ async def models() -> Response:
 
 @blueprint.get("/health")
 async def health() -> Response:
-    stats = engines().default.statistics()
-    return json_response(reports.health(stats), 200 if stats.healthy else 503)
+    """200 when every model is ready; with several, each model's own report too."""
+    stats = [engine.statistics() for engine in engines()]
+    body = reports.health(stats[0])
+    sick = [one for one in stats if not one.healthy]
+    if len(stats) > 1:
+        models = {one.name: reports.health(one) for one in stats}
+        body = {**(models[sick[0].name] if sick else body), "models": models}
+    return json_response(body, 503 if sick else 200)
 
 
 @blueprint.get("/live")
@@ -50,7 +58,11 @@ async def live() -> Response:
 
 @blueprint.get("/info")
 async def info() -> Response:
-    return json_response(reports.describe(engines().default.statistics(), settings()))
+    stats = [engine.statistics() for engine in engines()]
+    body = reports.describe(stats[0], settings())
+    if len(stats) > 1:
+        body["models"] = [reports.describe(one, settings()) for one in stats]
+    return json_response(body)
 
 
 @blueprint.get("/metrics")

@@ -70,6 +70,7 @@ def describe(stats: EngineStatistics, settings: Settings) -> dict[str, Any]:
         body.update(
             {
                 "model_id": info.name,
+                "kind": info.kind,
                 "dimension": info.dimension,
                 "max_seq_length": info.max_seq_length,
                 "dtype": info.dtype,

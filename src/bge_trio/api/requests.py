@@ -13,6 +13,7 @@ from bge_trio.api import schemas
 from bge_trio.config import Settings
 from bge_trio.engine import Engine, Engines
 from bge_trio.errors import TimedOut
+from bge_trio.model.encoder import Kind
 
 T = TypeVar("T")
 
@@ -28,13 +29,14 @@ def settings() -> Settings:
     return engines().default.settings
 
 
-def engine_for(payload: dict[str, Any], *, check: bool = True) -> Engine:
-    """The engine of the model the body names (``check``: ``model`` and ``user`` must be
-    strings, as on the OpenAI-shaped routes)."""
+def engine_for(payload: dict[str, Any], *, check: bool = True, kind: Kind | None = None) -> Engine:
+    """The engine of the model the body names, which must be of ``kind`` (when it names
+    none: the first of ``kind``); ``check``: ``model`` and ``user`` must be strings, as
+    on the OpenAI-shaped routes."""
     if check:
         schemas.check_model(payload)
     model = payload.get("model")
-    return engines().find(model if isinstance(model, str) else None)
+    return engines().find(model if isinstance(model, str) else None, kind)
 
 
 def startup_deadline() -> float:

@@ -17,6 +17,7 @@ from bge_trio.api.errors import json_response
 from bge_trio.api.requests import (
     body,
     engine_for,
+    engines,
     envelope,
     note_usage,
     settings,
@@ -60,19 +61,23 @@ async def score() -> Response:
 
 
 @blueprint.post("/v1/rerank")
+@blueprint.post("/v2/rerank")
 async def rerank() -> Response:
-    """The rerank APIs' shape (Cohere, Jina, TEI, vLLM, infinity): ``relevance_score`` is
-    the hybrid score of /v1/score, with the same weights."""
-    engine, req = await _request(schemas.parse_rerank_request)
-    scored = await _scored(engine, req)
-    hybrid = scored.scores["hybrid"][0]
+    """The rerank APIs' shape (Cohere v1 and v2, Jina, vLLM, infinity). With a cross-encoder,
+    ``relevance_score`` is sigmoid(logit) (FlagReranker's ``normalize=True``) and
+    ``raw_score`` the logit; with an embedding model, the hybrid score of /v1/score."""
+    payload = await body()
+    engine, req = _rerank_request(payload, schemas.parse_rerank_request)
+    relevance, tokens = await _relevance(engine, req)
     results = []
-    for di in _ranked(hybrid, req.top_n):
-        result: dict[str, Any] = {"index": di, "relevance_score": float(hybrid[di])}
+    for di in _ranked(relevance.scores, req.top_n):
+        result: dict[str, Any] = {"index": di, "relevance_score": float(relevance.scores[di])}
+        if relevance.raw is not None:
+            result["raw_score"] = float(relevance.raw[di])
         if req.return_documents:
             result["document"] = {"text": req.documents[di]}
         results.append(result)
-    usage = {"prompt_tokens": scored.prompt_tokens, "total_tokens": scored.prompt_tokens}
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return json_response(
         {
             "id": f"rerank-{uuid.uuid4().hex}",
@@ -84,15 +89,81 @@ async def rerank() -> Response:
     )
 
 
+@blueprint.post("/rerank")
+async def tei_rerank() -> Response:
+    """TEI's shape: ``query`` and ``texts`` in; ``[{index, score, text?}]``, best first,
+    out. ``score`` is sigmoid(logit), or the logit with ``raw_scores``; with an embedding
+    model, the hybrid score either way."""
+    payload = await body()
+    engine, req = _rerank_request(payload, _tei_request)
+    raw_scores = schemas.parse_flag(payload, "raw_scores")
+    relevance, _ = await _relevance(engine, req)
+    scores = relevance.raw if raw_scores and relevance.raw is not None else relevance.scores
+    results = []
+    for di in _ranked(scores, None):
+        result: dict[str, Any] = {"index": di, "score": float(scores[di])}
+        if req.return_documents:
+            result["text"] = req.documents[di]
+        results.append(result)
+    return json_response(results)
+
+
+def _tei_request(payload: dict[str, Any], **limits: Any) -> schemas.ScoreRequest:
+    request, _ = schemas.parse_tei_rerank_request(payload, **limits)
+    return request
+
+
+@attrs.frozen(eq=False)
+class Relevance:
+    """Each document's relevance to the query, and the cross-encoder's logits (None for
+    an embedding model's hybrid score)."""
+
+    scores: npt.NDArray[np.float32]
+    raw: npt.NDArray[np.float32] | None
+
+
+def _rerank_request(
+    payload: dict[str, Any], parse: Callable[..., schemas.ScoreRequest]
+) -> tuple[Engine, schemas.ScoreRequest]:
+    """The engine that reranks (the request's ``model``; when it names none, the first
+    cross-encoder served, else the embedding model's hybrid score), and the request."""
+    schemas.check_model(payload)
+    model = payload.get("model")
+    crossing = engines().of_kind("reranker")
+    if model is None and crossing:
+        engine = crossing[0]
+    else:
+        engine = engines().find(model if isinstance(model, str) else None)
+    return engine, _parsed(payload, parse)
+
+
+async def _relevance(engine: Engine, req: schemas.ScoreRequest) -> tuple[Relevance, int]:
+    """The documents' relevance to the one query, and the tokens read."""
+    if engine.kind != "reranker":
+        scored = await _scored(engine, req)
+        return Relevance(scored.scores["hybrid"][0], None), scored.prompt_tokens
+    deadline = startup_deadline()
+    query = req.queries[0]
+    reranked = await within_deadline(engine.rerank, query, req.documents, deadline)
+    note_usage(len(req.documents), reranked.prompt_tokens, reranked.queue_s, reranked.inference_s)
+    relevance = 1.0 / (1.0 + np.exp(-reranked.logits.astype(np.float64)))
+    return Relevance(relevance.astype(np.float32), reranked.logits), reranked.prompt_tokens
+
+
 async def _request(
     parse: Callable[..., schemas.ScoreRequest],
 ) -> tuple[Engine, schemas.ScoreRequest]:
-    """The engine the body names, and the body parsed under this server's limits, with
-    its default weights."""
+    """The embedding engine the body names, and the body parsed under this server's
+    limits, with its default weights."""
     payload = await body()
-    engine = engine_for(payload)
+    return engine_for(payload, kind="embedding"), _parsed(payload, parse)
+
+
+def _parsed(
+    payload: dict[str, Any], parse: Callable[..., schemas.ScoreRequest]
+) -> schemas.ScoreRequest:
     limits = settings()
-    return engine, parse(
+    return parse(
         payload,
         max_items=limits.max_batch,
         max_pairs=limits.max_score_pairs,

@@ -253,6 +253,28 @@ def parse_rerank_request(
     return _scoring(body, [query], documents, max_pairs, max_chars, weights)
 
 
+def parse_tei_rerank_request(
+    body: dict[str, Any],
+    *,
+    max_items: int,
+    max_pairs: int,
+    max_chars: int | None = None,
+    weights: Weights = EQUAL_WEIGHTS,
+) -> tuple[ScoreRequest, bool]:
+    """TEI's /rerank: ``query``, ``texts``, ``raw_scores`` and ``return_text``; the
+    request, and whether raw scores (logits) were asked for."""
+    query = body.get("query")
+    if not isinstance(query, str):
+        raise invalid("'query' must be a string", param="query", code="invalid_input")
+    raw = body.get("texts")
+    if not isinstance(raw, list):
+        raise invalid("'texts' must be a list of strings", param="texts", code="invalid_input")
+    texts = _strings(raw, "texts", max_items)
+    scoring = _scoring(body, [query], texts, max_pairs, max_chars, weights)
+    raw = parse_flag(body, "raw_scores")
+    return attrs.evolve(scoring, return_documents=parse_flag(body, "return_text")), raw
+
+
 def _scoring(
     body: dict[str, Any],
     queries: list[str],

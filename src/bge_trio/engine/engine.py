@@ -53,7 +53,9 @@ from bge_trio.memory.plan import (
 )
 from bge_trio.memory.probe import ProbeProgress
 from bge_trio.model.encoder import (
+    SCORE,
     Encoder,
+    Kind,
     ModelConfigError,
     ModelInfo,
     Output,
@@ -62,6 +64,7 @@ from bge_trio.model.encoder import (
 )
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
+from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.lanes import Lanes
 from bge_trio.scheduler.scheduler import Scheduler, SchedulerStatistics
 from bge_trio.scheduler.threads import ForwardThreads
@@ -77,6 +80,17 @@ class Scored:
     scores: dict[str, npt.NDArray[np.float32]]
     modes: tuple[Output, ...]
     prompt_tokens: int
+
+
+@attrs.frozen(eq=False)
+class Reranked:
+    """A cross-encoder's logit for each (query, document) pair, in document order, the
+    tokens it read, and where the time went."""
+
+    logits: npt.NDArray[np.float32]
+    prompt_tokens: int
+    queue_s: float
+    inference_s: float
 
 
 @attrs.frozen
@@ -130,10 +144,12 @@ class Engine:
         planner: Planner = plan_memory,
         load: LoadEncoder = load_encoder,
         order: StartupOrder | None = None,
+        kind: Kind = "embedding",
     ) -> None:
         self.settings = settings
         self.source = source
         self.lanes = lanes
+        self.kind = kind  # known from config.json before the model loads (routing)
         self.name = settings.model_name or source.default_name
         self._cpu = cpu
         self._root = root  # where /proc and /sys are read (tests use a fake tree)
@@ -186,7 +202,7 @@ class Engine:
                 await member.arrive_loaded()  # the budget counts every engine's model
                 self._encoder = encoder
                 self._scheduler = scheduler = scheduler_for(
-                    encoder, settings, self._threads, self.name, corrections
+                    encoder, settings, self._threads, self.name, corrections, order.cores
                 )
                 await nursery.start(self._supervise, scheduler)
                 self._set(Probing())
@@ -197,7 +213,10 @@ class Engine:
                 scheduler.seed_pace(await pace_seed(threads, encoder, prepared.memory))
                 await threads.run_first(readiness_check, encoder)
                 _publish_memory_metrics(self.name, prepared.memory)
-                await member.arrive_planned()  # no pass may disturb another engine's probe
+                # no pass may disturb another engine's probe; one express lane for all
+                await member.arrive_planned(_express_reserve(prepared.policy, self.lanes))
+                if order.engines > 1:
+                    scheduler.set_policy(prepared.policy, order.express_reserve)
                 self._set(Ready())
                 _log_ready(self.name, prepared.memory)
             except Exception as exc:
@@ -361,6 +380,26 @@ class Engine:
 
         return Scored(await trio.to_thread.run_sync(compute), tuple(modes), embedded.prompt_tokens)
 
+    async def rerank(self, query: str, documents: Sequence[str], deadline: float) -> Reranked:
+        """A cross-encoder's logit for every (query, document) pair, each pair cut as
+        FlagReranker cuts it (:meth:`~bge_trio.model.encoder.Encoder.pair_ids`) and to
+        what fits one pass of the memory budget."""
+        with self._draining.in_flight():
+            encoder = await self._loaded(deadline)
+            scheduler = self._scheduler
+            if scheduler is None:  # loaded means it exists; a failed start answered above
+                raise not_ready(self._state.status)
+            inputs.check_outputs(encoder.info, SCORE)
+            fits = scheduler.policy.max_single_length()
+            with scheduler.arriving():
+                ids = await trio.to_thread.run_sync(
+                    encoder.pair_ids, query, documents, max(fits, 16)
+                )
+            served = await scheduler.submit(ids, SCORE, gate_deadline=deadline)
+        logits = np.array([result.score for result in served.results], dtype=np.float32)
+        tokens = sum(len(pair) for pair in ids)
+        return Reranked(logits, tokens, served.queue_s, served.inference_s)
+
     async def tokens(
         self, texts: Sequence[str], add_special_tokens: bool, deadline: float
     ) -> list[list[Token]]:
@@ -379,6 +418,11 @@ class Engine:
         if self._encoder is None:
             raise not_ready(self._state.status)
         return list(self._encoder.tokenizer.convert_ids_to_tokens(list(ids)))
+
+
+def _express_reserve(policy: BatchPolicy, lanes: Lanes) -> float:
+    """The bytes this model's worst express pass needs (0: no express lane)."""
+    return policy.cost.predict(1, lanes.express_tokens) if lanes.express else 0.0
 
 
 def _log_ready(model: str, memory: MemoryPlan) -> None:

@@ -1,11 +1,19 @@
 """The engines one process serves, found by the model a request names.
 
-A request names its model in ``model``, as OpenAI's and Cohere's clients send it. With
-one engine every request is its (any ``model`` string is accepted, as before); with
-several, a name that is none of theirs is a 400 naming the models served. The engines
-start in one :class:`~bge_trio.engine.startup.StartupOrder` and share the process's
-memory limit: every regular worker of every engine gets an equal share of what the limit
-leaves after the resident size (every model loaded) and the headroom.
+``BGE_TRIO_MODEL`` names one model or several (an embedder and a cross-encoder, say);
+each is an :class:`~bge_trio.engine.Engine` with its own probe, cost model, probe-cache
+entry and scheduler. A request names its model in ``model``, as OpenAI's and Cohere's
+clients send it. With one engine every request is its (any ``model`` string is accepted,
+as before); with several, a name that is none of theirs is a 400 naming the models
+served, and a route a model cannot serve (embeddings from a cross-encoder, say) is a 400
+naming the models that can. A request that names no model goes to the first model of
+the kind its route needs.
+
+The engines start in one :class:`~bge_trio.engine.startup.StartupOrder` and share the
+process's cores and memory (:mod:`bge_trio.scheduler.cores`): at most ``workers``
+regular passes run at once in the whole process, so every pass of every model may use
+one worker's share of what the limit leaves after the resident size (every model
+loaded) and the headroom, less the one express lane's reserve.
 """
 
 from __future__ import annotations
@@ -16,15 +24,19 @@ from pathlib import Path
 import trio
 
 from bge_trio.cgroups import detect_cpu_limit
-from bge_trio.config import Settings
+from bge_trio.config import ConfigError, Settings
 from bge_trio.engine.engine import Engine
 from bge_trio.engine.prepare import LoadEncoder
 from bge_trio.engine.startup import StartupOrder
 from bge_trio.errors import invalid
 from bge_trio.memory.plan import Planner, plan_memory
-from bge_trio.model.loading import load_encoder
-from bge_trio.model.source import ModelSource
+from bge_trio.model.encoder import Kind
+from bge_trio.model.loading import load_encoder, model_kind
+from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.scheduler.lanes import plan_lanes
+
+# what each kind of model serves, for the 400 that names the models that can
+SERVES: dict[Kind, str] = {"embedding": "embeddings", "reranker": "cross-encoder reranking"}
 
 
 class Engines:
@@ -33,6 +45,11 @@ class Engines:
             raise ValueError("no engine to serve")
         self._engines = list(engines)
         self._by_name = {engine.name: engine for engine in engines}
+        if len(self._by_name) < len(self._engines):
+            raise ConfigError(
+                "two served models have the same name; name them in BGE_TRIO_MODEL as "
+                "name=path,name=path"
+            )
         self.default = engines[0]
 
     def __iter__(self) -> Iterator[Engine]:
@@ -41,11 +58,16 @@ class Engines:
     def __len__(self) -> int:
         return len(self._engines)
 
-    def find(self, model: str | None) -> Engine:
+    def of_kind(self, kind: Kind) -> list[Engine]:
+        return [engine for engine in self._engines if engine.kind == kind]
+
+    def find(self, model: str | None, kind: Kind | None = None) -> Engine:
         """The engine serving ``model`` (the only one, whatever the name, when there is
-        one; the default when the request names none)."""
+        one), or when the request names none, the first of ``kind``. A model that is not
+        of ``kind`` is a 400 naming the models that are."""
         if model is None or len(self._engines) == 1:
-            return self.default
+            of_kind = [] if kind is None else self.of_kind(kind)
+            return self._check_kind(of_kind[0] if of_kind else self.default, kind)
         engine = self._by_name.get(model)
         if engine is None:
             raise invalid(
@@ -53,7 +75,19 @@ class Engines:
                 param="model",
                 code="model_not_found",
             )
-        return engine
+        return self._check_kind(engine, kind)
+
+    def _check_kind(self, engine: Engine, kind: Kind | None) -> Engine:
+        if kind is None or engine.kind == kind:
+            return engine
+        able = [other.name for other in self.of_kind(kind)]
+        can = f"models that can: {', '.join(able)}" if able else "no model served here can"
+        raise invalid(
+            f"model {engine.name!r} is a {engine.kind} model; it cannot serve "
+            f"{SERVES[kind]} ({can})",
+            param="model",
+            code="model_not_supported",
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every engine until cancelled."""
@@ -78,19 +112,38 @@ class Engines:
             engine.begin_shutdown(window_s)
 
 
-def one_engine(
+def serving_engines(
     settings: Settings,
-    source: ModelSource,
+    sources: Sequence[ModelSource] | None = None,
     *,
     root: Path = Path("/"),
     planner: Planner = plan_memory,
     load: LoadEncoder = load_encoder,
 ) -> Engines:
-    """The engines of a process that serves one model (``BGE_TRIO_MODEL``)."""
+    """The engines of a process: one per model of ``BGE_TRIO_MODEL`` (``sources``: the
+    models already resolved, in that order), sharing the cores and the memory."""
+    entries = settings.models()
+    found = list(sources) if sources is not None else [resolve_model(e.spec) for e in entries]
+    if len(found) != len(entries):
+        raise ConfigError(f"{len(entries)} models configured, {len(found)} given")
     cpu = detect_cpu_limit(root)
     lanes = plan_lanes(cpu.threads, settings.workers, settings.express_tokens)
-    order = StartupOrder(engines=1, forwards=lanes.workers)
-    engine = Engine(
-        settings, source, lanes, cpu, root=root, planner=planner, load=load, order=order
-    )
-    return Engines([engine])
+    order = StartupOrder(engines=len(entries), forwards=lanes.workers)
+    engines = []
+    for entry, source in zip(entries, found, strict=True):
+        kind = model_kind(source.path)
+        own = settings.for_model(entry, reranker=kind == "reranker")
+        engines.append(
+            Engine(
+                own,
+                source,
+                lanes,
+                cpu,
+                root=root,
+                planner=planner,
+                load=load,
+                order=order,
+                kind=kind,
+            )
+        )
+    return Engines(engines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 
 import attrs
@@ -22,7 +23,8 @@ from bge_trio import metrics
 from bge_trio.config import Settings
 from bge_trio.memory.plan import MemoryPlan, store_correction, time_passes
 from bge_trio.memory.probe import PeakMeter, ProbeProgress
-from bge_trio.model.encoder import Encoder
+from bge_trio.model.encoder import SCORE, Encoder
+from bge_trio.scheduler.cores import Cores
 from bge_trio.scheduler.scheduler import Scheduler
 from bge_trio.scheduler.threads import ForwardThreads
 
@@ -64,10 +66,14 @@ class _Member:
             self.order._loaded.arrive()
         await self.order._loaded.wait()
 
-    async def arrive_planned(self) -> None:
+    async def arrive_planned(self, express_reserve: float = 0.0) -> None:
+        """Planned, with the bytes this model's worst express pass needs; returns once
+        every engine has planned."""
         if not self.planned:
             self.planned = True
-            self.order._planned.arrive()
+            order = self.order
+            order.express_reserve = max(order.express_reserve, express_reserve)
+            order._planned.arrive()
         await self.order._planned.wait()
 
     def leave(self) -> None:
@@ -80,12 +86,17 @@ class _Member:
 
 
 class StartupOrder:
-    """The startup order of ``engines`` engines with ``forwards`` forward passes (regular
-    workers) among them in all."""
+    """The startup order of ``engines`` engines with ``forwards`` regular forward passes
+    at once among them in all (they share the process's cores, see
+    :mod:`bge_trio.scheduler.cores`), and the cores they share."""
 
-    def __init__(self, engines: int, forwards: int) -> None:
+    def __init__(self, engines: int, forwards: int, cores: Cores | None = None) -> None:
         self.engines = engines
         self.forwards = forwards
+        self.cores = cores or Cores(forwards)
+        # the largest worst express pass among the engines, once all have planned: the
+        # one express lane's share of every pass's workspace
+        self.express_reserve = 0.0
         self._loaded = _Barrier(engines)
         self._planned = _Barrier(engines)
         self._probing = trio.Lock()
@@ -130,6 +141,11 @@ async def pace_seed(threads: ForwardThreads, encoder: Encoder, memory: MemoryPla
 
 def readiness_check(encoder: Encoder) -> None:
     """One real pass with every output the model has, before the gate opens."""
+    if encoder.info.kind == "reranker":
+        (scored,) = encoder.forward(encoder.pair_ids("readiness", ["check"]), SCORE)
+        if scored.score is None or not math.isfinite(scored.score):
+            raise RuntimeError("readiness check produced no score")
+        return
     (result,) = encoder.forward(encoder.tokenize(["readiness check"]), encoder.info.outputs)
     if result.dense is None or not result.dense.any():
         raise RuntimeError("readiness check produced an empty embedding")
@@ -141,8 +157,10 @@ def scheduler_for(
     threads: ForwardThreads,
     model: str,
     corrections: trio.MemorySendChannel[float],
+    cores: Cores,
 ) -> Scheduler:
-    """The scheduler of a loaded model, its gate closed, on the engine's threads."""
+    """The scheduler of a loaded model, its gate closed, on the engine's threads, sharing
+    the process's ``cores`` with the other engines."""
     meter = PeakMeter()
     return Scheduler(
         encoder.forward,
@@ -157,6 +175,7 @@ def scheduler_for(
         # (cheap); sampling every pass from a thread would cost too much
         meter=meter if meter.method == "vmhwm" else None,
         corrections=corrections,
+        cores=cores,
     )
 
 

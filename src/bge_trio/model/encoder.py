@@ -25,8 +25,12 @@ from bge_trio.model.source import ModelSource
 
 log = logging.getLogger(__name__)
 
-Output = Literal["dense", "sparse", "colbert"]
+Output = Literal["dense", "sparse", "colbert", "score"]
 DENSE: frozenset[Output] = frozenset({"dense"})
+SCORE: frozenset[Output] = frozenset({"score"})  # a cross-encoder's one output
+# An embedding model turns one text into vectors; a reranker (a cross-encoder) reads a
+# (query, document) pair as one sequence and gives its relevance logit.
+Kind = Literal["embedding", "reranker"]
 FloatArray = npt.NDArray[np.float32]
 
 
@@ -45,15 +49,17 @@ class ModelInfo:
     dtype: str
     colbert_dimension: int | None
     dtype_reason: str = ""
+    kind: Kind = "embedding"
 
 
 @attrs.frozen(eq=False)
 class Embedding:
-    """One text's outputs; an output that was not asked for is None."""
+    """One text's outputs (or one pair's score); an output that was not asked for is None."""
 
     dense: FloatArray | None = None
     sparse: tuple[npt.NDArray[np.int64], FloatArray] | None = None
     colbert: FloatArray | None = None
+    score: float | None = None  # a cross-encoder's logit for the pair
 
 
 class ModelConfigError(ValueError):
@@ -257,6 +263,30 @@ class Encoder:
             return [*ids[: length - 1], ids[-1]]
         return list(ids[:length])
 
+    def pair_ids(
+        self, query: str, documents: Sequence[str], longest: int | None = None
+    ) -> list[list[int]]:
+        """Each (query, document) pair's token ids, as FlagEmbedding's ``FlagReranker``
+        builds them: the query cut to three quarters of the longest input, each document
+        to what is left of it, then the model's pair template (XLM-R:
+        ``<s> query </s></s> document </s>``). Never longer than ``longest`` (default:
+        ``max_seq_length``).
+        """
+        backend = self.tokenizer.backend_tokenizer
+        longest = min(longest or self.info.max_seq_length, self.info.max_seq_length)
+        question = backend.encode(query, add_special_tokens=False)
+        question.truncate(longest * 3 // 4)
+        room = max(0, longest - len(question.ids) - self.pair_special_tokens)
+        pairs = []
+        for passage in backend.encode_batch(list(documents), add_special_tokens=False):
+            passage.truncate(room)
+            pairs.append(list(backend.post_process(question, passage, True).ids))
+        return pairs
+
+    @property
+    def pair_special_tokens(self) -> int:
+        return int(self.tokenizer.backend_tokenizer.num_special_tokens_to_add(True))
+
     # -- forward ------------------------------------------------------------------------
 
     def forward(
@@ -290,10 +320,15 @@ class Encoder:
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
+        attention = _key_padding_mask(self.model, mask, lengths)
+        if self.info.kind == "reranker":
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=ids, attention_mask=attention, **self._segments(ids)
+                ).logits.float()
+            return [Embedding(score=float(logit)) for logit in logits[:, 0]]
         with torch.inference_mode():
-            hidden = self.model(
-                input_ids=ids, attention_mask=_key_padding_mask(self.model, mask, lengths)
-            ).last_hidden_state.float()
+            hidden = self.model(input_ids=ids, attention_mask=attention).last_hidden_state.float()
             dense = pool(hidden, mask, self.info.pooling).numpy() if "dense" in outputs else None
             weights = (
                 heads.sparse_token_weights(self._sparse, hidden).numpy()
@@ -317,6 +352,18 @@ class Encoder:
                 )
             )
         return results
+
+    def _segments(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token type ids for models that have them (BERT-style pairs: 0 up to the first
+        separator, 1 after it); XLM-RoBERTa has one type and needs none."""
+        if int(getattr(self.model.config, "type_vocab_size", 1) or 1) < 2 or not self.closing_ids:
+            return {}
+        closing = torch.zeros_like(ids, dtype=torch.bool)
+        for token_id in self.closing_ids:
+            closing |= ids == token_id
+        # 1 strictly after the first separator of each row
+        after = (torch.cumsum(closing.long(), dim=1) - closing.long()) > 0
+        return {"token_type_ids": after.long()}
 
 
 def _key_padding_mask(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bge_trio.model import heads
-from bge_trio.model.encoder import Encoder, ModelConfigError, ModelInfo, Output
+from bge_trio.model.encoder import Encoder, Kind, ModelConfigError, ModelInfo, Output
 from bge_trio.model.pooling import read_pooling
 from bge_trio.model.source import ModelSource
 
@@ -42,18 +42,22 @@ def load_encoder(
     if threads:  # this thread's own count (see set_threads)
         torch.set_num_threads(threads)
     path = source.path
+    kind = model_kind(path)
     tokenizer = load_tokenizer(path)
-    model = _transformer(path)
+    if kind == "reranker" and not hasattr(tokenizer, "backend_tokenizer"):
+        raise ModelConfigError(f"{path}: a cross-encoder needs a tokenizer.json to build pairs")
+    model = _transformer(path, kind)
     config = model.config
     hidden = int(config.hidden_size)
-    sparse_linear = heads.load_linear(path / heads.SPARSE_FILE, hidden)
-    colbert_linear = heads.load_linear(path / heads.COLBERT_FILE, hidden)
+    reranker = kind == "reranker"
+    sparse_linear = None if reranker else heads.load_linear(path / heads.SPARSE_FILE, hidden)
+    colbert_linear = None if reranker else heads.load_linear(path / heads.COLBERT_FILE, hidden)
     dtype, reason = choose_dtype(dtype, bf16_supported())
     if "emulated" in reason:
         log.warning("%s", reason)
     model = _converted(model, dtype)
-    position_limit, max_seq = _lengths(config, path, max_seq_length)
-    outputs: set[Output] = {"dense"}
+    position_limit, max_seq = _lengths(config, path, max_seq_length, kind)
+    outputs: set[Output] = {"score"} if reranker else {"dense"}
     if sparse_linear is not None:
         outputs.add("sparse")
     if colbert_linear is not None:
@@ -70,6 +74,7 @@ def load_encoder(
         dtype=dtype,
         colbert_dimension=None if colbert_linear is None else colbert_linear.out_features,
         dtype_reason=reason,
+        kind=kind,
     )
     return Encoder(tokenizer, model, info, sparse_linear, colbert_linear)
 
@@ -95,20 +100,42 @@ def load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _transformer(path: Path) -> Any:
-    """The transformer in fp32 and eval mode, its checkpoint checked by :func:`check_weights`."""
-    from transformers import AutoModel
+# FlagEmbedding's FlagReranker reads pairs of at most this many tokens unless told more.
+RERANK_MAX_LENGTH = 512
 
+
+def model_kind(path: Path) -> Kind:
+    """``reranker`` for a one-label sequence classifier (a cross-encoder such as
+    bge-reranker-v2-m3), else ``embedding``; read from ``config.json`` alone."""
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return "embedding"
+    labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+    if labels != 1:
+        raise ModelConfigError(
+            f"{path}: a sequence classifier with {labels} labels; only one-label "
+            "cross-encoders (rerankers) are served"
+        )
+    return "reranker"
+
+
+def _transformer(path: Path, kind: Kind) -> Any:
+    """The transformer in fp32 and eval mode, its checkpoint checked by :func:`check_weights`."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    auto: Any = AutoModelForSequenceClassification if kind == "reranker" else AutoModel
     with warnings.catch_warnings():  # the load report below says what matters
         warnings.simplefilter("ignore")
         # mismatched shapes are reported (and refused) by check_weights, by name
-        model, loading = AutoModel.from_pretrained(
+        model, loading = auto.from_pretrained(
             str(path),
             dtype=torch.float32,
             output_loading_info=True,
             ignore_mismatched_sizes=True,
         )
-    check_weights(loading, path)
+    # a classifier reads every weight it has (BERT's pooler included)
+    check_weights(loading, path, unused=() if kind == "reranker" else UNUSED_WEIGHTS)
     model.eval()
     return model
 
@@ -125,12 +152,16 @@ def _converted(model: Any, dtype: str) -> Any:
     return model
 
 
-def _lengths(config: Any, path: Path, asked: int | None) -> tuple[int, int]:
-    """The model's position limit and the longest input to serve (asked, or its default)."""
+def _lengths(config: Any, path: Path, asked: int | None, kind: Kind) -> tuple[int, int]:
+    """The model's position limit and the longest input to serve (asked, or its default:
+    a reranker's pair is at most :data:`RERANK_MAX_LENGTH` tokens, as FlagReranker's)."""
     position_limit = int(config.max_position_embeddings)
     if config.model_type in _OFFSET_POSITIONS:
         position_limit -= int(config.pad_token_id) + 1
-    default_max = _sentence_transformers_max_seq(path) or position_limit
+    if kind == "reranker":
+        default_max = RERANK_MAX_LENGTH
+    else:
+        default_max = _sentence_transformers_max_seq(path) or position_limit
     max_seq = asked or min(default_max, position_limit)
     if max_seq > position_limit:
         raise ModelConfigError(
@@ -145,7 +176,9 @@ def _lengths(config: Any, path: Path, asked: int | None) -> tuple[int, int]:
 UNUSED_WEIGHTS = ("pooler.",)
 
 
-def check_weights(loading: dict[str, Any], path: Path) -> None:
+def check_weights(
+    loading: dict[str, Any], path: Path, unused: tuple[str, ...] = UNUSED_WEIGHTS
+) -> None:
     """Refuse a checkpoint that lacks weights the model needs; name what is ignored.
 
     transformers fills a missing weight with random values and carries on, so a wrong
@@ -156,16 +189,16 @@ def check_weights(loading: dict[str, Any], path: Path) -> None:
         str(key[0] if isinstance(key, tuple) else key)
         for key in loading.get("mismatched_keys") or []
     )
-    unused = [key for key in missing if key.startswith(UNUSED_WEIGHTS)]
-    needed = [key for key in missing if not key.startswith(UNUSED_WEIGHTS)] + mismatched
+    ignored = [key for key in missing if unused and key.startswith(unused)]
+    needed = [key for key in missing if not (unused and key.startswith(unused))] + mismatched
     if needed:
         shown = ", ".join(needed[:5]) + (f" and {len(needed) - 5} more" if len(needed) > 5 else "")
         raise ModelConfigError(
             f"{path}: the checkpoint lacks {len(needed)} weight(s) the model needs or has them "
             f"in the wrong shape ({shown}); it would serve meaningless vectors"
         )
-    if unused:
-        log.info("not in the checkpoint and not used by this server: %s", ", ".join(unused))
+    if ignored:
+        log.info("not in the checkpoint and not used by this server: %s", ", ".join(ignored))
     unexpected = sorted(loading.get("unexpected_keys") or [])
     if unexpected:
         log.warning(

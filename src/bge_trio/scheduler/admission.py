@@ -42,12 +42,15 @@ class Admission:
         lanes: Lanes,
         bounds: Bounds,
         running_s: Callable[[], float] = lambda: 0.0,
+        others_s: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._queue = queue
         self._pace = pace
         self._lanes = lanes
         self.bounds = bounds
         self._running_s = running_s  # seconds left in the regular passes running now
+        # seconds of work the other models of the process have queued and running
+        self._others_s = others_s
 
     def admit(self, lengths: Sequence[int], policy: BatchPolicy, express_open: bool) -> None:
         """All or nothing: a request is queued whole, or refused whole.
@@ -87,7 +90,7 @@ class Admission:
                     estimate_s=alone,
                     deadline_s=deadline,
                 )
-        if not queue.items and self._running_s() <= 0:
+        if not queue.items and self._running_s() <= 0 and self._others_s() <= 0:
             return
         wait = self.expected_wait_s(lengths, policy, express_open)
         if (
@@ -103,6 +106,13 @@ class Admission:
                 code="queue_full",
             )
 
+    def queued_s(self, policy: BatchPolicy) -> float:
+        """Seconds the texts queued now take on one worker at the learnt pace; 0 if unknown."""
+        curve = self._pace.curve()
+        if curve is None or not self._queue.items:
+            return 0.0
+        return wait_seconds(curve, self._queue.lengths(None), [], policy.max_batch_tokens, 1)
+
     def expected_wait_s(
         self, lengths: Sequence[int], policy: BatchPolicy, express_open: bool
     ) -> float:
@@ -110,7 +120,10 @@ class Admission:
 
         The regular passes running now count with the time they have left. Texts short
         enough for the express lane do not wait behind the long ones; only the short
-        work queued counts for them.
+        work queued counts for them. In a process that serves several models, busy
+        engines share the workers' time evenly (:mod:`.cores`), so the other models' work
+        delays these texts by at most as long as their own work takes: the lesser of the
+        two counts.
         """
         curve = self._pace.curve()
         if curve is None:
@@ -129,7 +142,8 @@ class Admission:
         texts = len(queued) + len(lengths)
         last_pass = largest_pass_s(curve, policy, max(lengths, default=0), texts)
         even = wait_seconds(curve, queued, lengths, cap, lanes)
-        return running + even + (1 - 1 / lanes) * last_pass
+        others = min(self._others_s() / lanes, even)
+        return running + even + others + (1 - 1 / lanes) * last_pass
 
 
 def wait_seconds(

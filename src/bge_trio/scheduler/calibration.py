@@ -48,17 +48,20 @@ class Calibration:
         self._corrections = corrections
         self._recalibrator = Recalibrator()
         self._planned: BatchPolicy | None = None  # the memory plan's, uncorrected
+        self._reserve: float | None = None  # the express lane's bytes (None: its own)
         self.given = policy  # in force, before the express lane's share is set aside
         self.regular, self.express = express_share(policy, express_tokens)
 
-    def plan(self, policy: BatchPolicy) -> None:
-        """The memory plan's policy: planned with from now on, checked by measured passes."""
+    def plan(self, policy: BatchPolicy, express_reserve: float | None = None) -> None:
+        """The memory plan's policy: planned with from now on, checked by measured passes;
+        ``express_reserve``: the bytes the process's express lane has (None: its own)."""
         self._planned = policy
+        self._reserve = express_reserve
         self._apply(policy)
 
     def _apply(self, policy: BatchPolicy) -> None:
         self.given = policy
-        self.regular, self.express = express_share(policy, self._express_tokens)
+        self.regular, self.express = express_share(policy, self._express_tokens, self._reserve)
 
     def measured(self, peak: Peak) -> None:
         """A pass ran alone and peaked at ``peak``: compare it with its prediction, and

@@ -74,19 +74,25 @@ def plan_lanes(
 
 
 def express_share(
-    policy: BatchPolicy, express_tokens: int
+    policy: BatchPolicy, express_tokens: int, reserve: float | None = None
 ) -> tuple[BatchPolicy, BatchPolicy | None]:
     """The limits of regular passes, and of express passes beside them (None: shut).
 
     An express pass runs beside a regular one, so its worst case (one text of
     ``express_tokens``, or that many padded tokens of shorter ones) is set aside
     from the regular workspace. Where that would take more than a tenth of it, the
-    express lane stays shut: memory comes first.
+    express lane stays shut: memory comes first. In a process that serves several
+    models the express lane is one, beside any model's regular passes: ``reserve`` is
+    then the largest worst case among them, set aside from every model's passes.
     """
-    reserve = policy.cost.predict(1, express_tokens) if express_tokens else math.inf
-    if not express_tokens or reserve > 0.1 * policy.workspace_bytes:
+    own = policy.cost.predict(1, express_tokens) if express_tokens else math.inf
+    shared = own if reserve is None else reserve
+    if not express_tokens or shared > 0.1 * policy.workspace_bytes:
         return policy, None
+    regular = attrs.evolve(policy, workspace_bytes=policy.workspace_bytes - shared)
+    if own > shared:  # this model's worst express pass (corrected upwards) no longer fits
+        return regular, None
     express = BatchPolicy(
-        policy.cost, reserve, max_batch_tokens=express_tokens, max_batch_items=express_tokens
+        policy.cost, shared, max_batch_tokens=express_tokens, max_batch_items=express_tokens
     )
-    return attrs.evolve(policy, workspace_bytes=policy.workspace_bytes - reserve), express
+    return regular, express

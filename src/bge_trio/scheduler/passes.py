@@ -7,7 +7,6 @@ against."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -19,6 +18,7 @@ import trio
 from bge_trio.errors import batch_failed
 from bge_trio.memory.probe import PeakMeter
 from bge_trio.model.encoder import BetweenLayers, Embedding, Output, PassAbandoned
+from bge_trio.scheduler.cores import Cores
 from bge_trio.scheduler.lanes import EXPRESS_LINGER_S, LONG_PASS_S, Lanes
 from bge_trio.scheduler.pace import PassPace
 from bge_trio.scheduler.threads import PinnedThread
@@ -62,38 +62,22 @@ class Passes:
         *,
         meter: PeakMeter | None,
         set_threads: Callable[[int], None],
+        cores: Cores,
     ) -> None:
         self._runner = runner
         self._lanes = lanes
         self._pace = pace
         self._observer = observer
         # Per-pass peaks: the kernel's high-water mark is per process, so only a pass
-        # that started and ended with no other pass in flight is measured.
+        # that started and ended with no other pass (of any engine) in flight is measured.
         self._meter = meter
         self._set_threads = set_threads
+        self._cores = cores  # the express lane and the passes in flight, process-wide
         self.running: dict[int, Running] = {}  # by id of their batch
-        self._express_busy = False
-        self._express_ended = -math.inf  # time.monotonic(): read on the forward threads
         self.forwarded_items = 0  # texts that reached the model
         self.stopped_early = 0  # stopped between layers: nobody waited any more
         self.express_passes = 0
         self.consecutive_failures = 0
-        self._in_flight = 0
-        self._started = 0
-
-    @property
-    def express_busy(self) -> bool:
-        """Whether the express lane is taken (by a pass, or by one being planned)."""
-        return self._express_busy
-
-    def reserve_express(self) -> None:
-        """Take the express lane for a pass about to be planned."""
-        self._express_busy = True
-
-    def release_express(self) -> None:
-        """The express lane is free again; regular passes keep sharing the cores a while."""
-        self._express_busy = False
-        self._express_ended = time.monotonic()
 
     def seconds_left(self) -> float:
         """The predicted time the regular passes running now have left (admission counts it)."""
@@ -156,7 +140,7 @@ class Passes:
     ) -> None:
         elapsed = trio.current_time() - started
         self._observer.batch_finished(elapsed, ok=True)
-        if not on_express and not self.express_busy:
+        if not on_express and not self._cores.express_busy:
             # express passes and regular ones that shared the cores run slower than
             # a regular pass alone, which is what admission estimates
             self._pace.observe(len(batch) * width, elapsed, seq=width)
@@ -186,8 +170,9 @@ class Passes:
             if on_express:
                 self._set_threads(lanes.express_threads)
                 return
+            cores = self._cores
             sharing = (
-                self._express_busy or time.monotonic() - self._express_ended < EXPRESS_LINGER_S
+                cores.express_busy or time.monotonic() - cores.express_ended < EXPRESS_LINGER_S
             )
             if first:
                 sharing = first.pop() or sharing
@@ -204,10 +189,11 @@ class Passes:
     ) -> tuple[list[Embedding], Peak | None]:
         """Run the pass, measuring its peak when it runs alone."""
         ids = [item.token_ids for item in batch]
-        alone = self._in_flight == 0
-        self._in_flight += 1
-        self._started += 1
-        generation = self._started
+        cores = self._cores
+        alone = cores.in_flight == 0
+        cores.in_flight += 1
+        cores.started += 1
+        generation = cores.started
         try:
             if not alone or self._meter is None:
                 plain: list[Embedding] = await thread.run(
@@ -220,7 +206,7 @@ class Passes:
                 self._meter.measure_pass, partial(self._runner, ids, outputs, between_layers)
             )
         finally:
-            self._in_flight -= 1
-        if generation != self._started:  # another pass started meanwhile
+            cores.in_flight -= 1
+        if generation != cores.started:  # another pass started meanwhile
             return results, None
         return results, Peak(len(batch), max(item.length for item in batch), peak)

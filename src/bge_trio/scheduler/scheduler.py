@@ -46,6 +46,7 @@ from bge_trio.model.encoder import Embedding, Output, set_threads
 from bge_trio.scheduler.admission import Admission, Bounds, Curve
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.calibration import Calibration, unlimited_policy
+from bge_trio.scheduler.cores import Cores
 from bge_trio.scheduler.drain import Drain
 from bge_trio.scheduler.gate import Gate
 from bge_trio.scheduler.lanes import Lanes, plan_lanes
@@ -112,9 +113,12 @@ class Scheduler:
         meter: PeakMeter | None = None,
         corrections: trio.MemorySendChannel[float] | None = None,
         threads: Callable[[int], None] = set_threads,
+        cores: Cores | None = None,
     ) -> None:
         self.lanes = lanes = lanes or plan_lanes(1, 1, express_tokens=0)
         self._gate = Gate(lanes.workers)  # closed until open()
+        # the process's cores, shared with the other engines' schedulers (if any)
+        self._cores = cores = cores or Cores(lanes.workers)
         self._forward_threads = forward_threads or ForwardThreads(lanes)
         self._set_threads = threads
         self._observer = observer = observer or _Unobserved()
@@ -127,13 +131,23 @@ class Scheduler:
         self._pace = pace = PassPace()
         self._queue = queue = WorkQueue(observer)
         self._passes = passes = Passes(
-            runner, lanes, pace, observer, meter=meter, set_threads=threads
+            runner, lanes, pace, observer, meter=meter, set_threads=threads, cores=cores
         )
         bounds = Bounds(max_queue_items, max_queue_tokens, max_wait_s)
-        self._admission = Admission(queue, pace, lanes, bounds, passes.seconds_left)
+        self._admission = Admission(queue, pace, lanes, bounds, passes.seconds_left, self._others_s)
         self._drain = Drain(queue, passes, self._gate, pace)
         self._wake = trio.Event()  # set when work arrives or a lane frees up
         self._arriving = 0  # requests being tokenised, about to submit
+        cores.join(id(self), lambda: self._wake.set(), self._backlog_s)
+
+    def _backlog_s(self) -> float:
+        """Seconds of work this scheduler has running and queued (other engines' admission
+        counts it)."""
+        return self._passes.seconds_left() + self._admission.queued_s(self.policy)
+
+    def _others_s(self) -> float:
+        """Seconds of work every other engine of the process has running and queued."""
+        return self._cores.others_backlog_s(id(self))
 
     # -- the memory plan, the pace, the gate, statistics ------------------------------
 
@@ -152,10 +166,12 @@ class Scheduler:
         """The policy in force, before the express lane's share is set aside."""
         return self._calibration.given
 
-    def set_policy(self, policy: BatchPolicy) -> None:
+    def set_policy(self, policy: BatchPolicy, express_reserve: float | None = None) -> None:
         """Plan passes with ``policy`` from now on: the memory plan's limits, which served
-        passes then check (a correction multiplies its cost model)."""
-        self._calibration.plan(policy)
+        passes then check (a correction multiplies its cost model). ``express_reserve``:
+        the bytes set aside for the process's express lane (None: this model's own worst
+        express pass)."""
+        self._calibration.plan(policy, express_reserve)
 
     def seed_pace(self, passes: Iterable[tuple[int, int, float]]) -> None:
         """Start the pace afresh from (batch, seq, seconds) passes timed elsewhere."""
@@ -261,6 +277,7 @@ class Scheduler:
             task_status.started()
             while True:
                 while not self._queue:
+                    self._cores.stop_waiting(id(self))
                     await self._changed()
                 borrower = object()
                 await self._gate.wait_open()
@@ -291,25 +308,30 @@ class Scheduler:
         while True:
             try:
                 self._gate.limiter.acquire_on_behalf_of_nowait(borrower)
-                return False
             except trio.WouldBlock:
                 pass
+            else:
+                if self._cores.try_regular(id(self), borrower):
+                    return False
+                self._gate.limiter.release_on_behalf_of(borrower)
             if self._express_work():
-                self._passes.reserve_express()
+                self._cores.reserve_express()
                 return True
             await self._changed()
 
     def _express_work(self) -> bool:
-        if self.express_policy is None or self._passes.express_busy:
+        if self.express_policy is None or self._cores.express_busy:
             return False
         limit = self.lanes.express_tokens
         return any(item.length <= limit and not item.abandoned for item in self._queue.pending)
 
-    def _release(self, on_express: bool, borrower: object) -> None:
+    def _release(self, on_express: bool, borrower: object, seconds: float = 0.0) -> None:
+        """Give the lane back; ``seconds``: how long its pass ran (none: 0)."""
         if on_express:
-            self._passes.release_express()
+            self._cores.release_express()
         else:
             self._gate.limiter.release_on_behalf_of(borrower)
+            self._cores.release_regular(id(self), borrower, seconds)
         self._wake.set()
 
     async def _gather_company(self) -> None:
@@ -333,12 +355,13 @@ class Scheduler:
         self, batch: list[WorkItem], borrower: object, idle: list[PinnedThread], on_express: bool
     ) -> None:
         thread = idle.pop()
+        started = trio.current_time()
         try:
             express_open = self.express_policy is not None
             peak = await self._passes.run(batch, thread, on_express, express_open)
         finally:
             idle.append(thread)
-            self._release(on_express, borrower)
+            self._release(on_express, borrower, trio.current_time() - started)
         if peak is not None:
             self._measured += 1
             self._last_measured = peak

@@ -18,6 +18,7 @@ hundred ids, token-id input reaches all 250,002.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,15 @@ M3_LAYERS = 24
 M3_HEADS = 16
 M3_INTERMEDIATE_SIZE = 4096
 M3_MAX_SEQ_LENGTH = 8192
+# The builders' arguments for that shape (every XLM-R large model of the BGE-M3 family).
+M3_SHAPE: dict[str, Any] = {
+    "hidden_size": M3_HIDDEN_SIZE,
+    "heads": M3_HEADS,
+    "intermediate_size": M3_INTERMEDIATE_SIZE,
+    "max_seq_length": M3_MAX_SEQ_LENGTH,
+    "model_vocab_size": M3_VOCAB_SIZE,
+    "layer_norm_eps": 1e-5,
+}
 
 
 def build_full_m3(directory: Path, *, layers: int = M3_LAYERS, seed: int = 0) -> Path:
@@ -48,17 +58,7 @@ def build_full_m3(directory: Path, *, layers: int = M3_LAYERS, seed: int = 0) ->
 
     The 24-layer model is 2.27 GB of fp32 safetensors and takes about 20 s to build.
     """
-    return build_tiny_m3(
-        directory,
-        hidden_size=M3_HIDDEN_SIZE,
-        layers=layers,
-        heads=M3_HEADS,
-        intermediate_size=M3_INTERMEDIATE_SIZE,
-        max_seq_length=M3_MAX_SEQ_LENGTH,
-        model_vocab_size=M3_VOCAB_SIZE,
-        layer_norm_eps=1e-5,
-        seed=seed,
-    )
+    return build_tiny_m3(directory, layers=layers, seed=seed, **M3_SHAPE)
 
 
 def build_tiny_m3(
@@ -79,16 +79,35 @@ def build_tiny_m3(
     ``vocab_size`` is what the tokenizer learns; ``model_vocab_size`` (default: the
     tokenizer's) is the embedding matrix's row count.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import UnigramTrainer
-    from transformers import (  # type: ignore[attr-defined]
-        XLMRobertaConfig,
-        XLMRobertaModel,
-        XLMRobertaTokenizerFast,
-    )
+    from transformers import XLMRobertaModel
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    learnt = write_tokenizer(directory, vocab_size, max_seq_length)
+    config = xlm_roberta_config(
+        vocab_size=model_vocab_size or learnt,
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        intermediate_size=intermediate_size or hidden_size * 2,
+        max_seq_length=max_seq_length,
+        layer_norm_eps=layer_norm_eps,
+    )
+    model = XLMRobertaModel(config, add_pooling_layer=False)
+    model.save_pretrained(str(directory))
+    torch.save(torch.nn.Linear(hidden_size, 1).state_dict(), directory / "sparse_linear.pt")
+    torch.save(
+        torch.nn.Linear(hidden_size, hidden_size).state_dict(), directory / "colbert_linear.pt"
+    )
+    return directory
+
+
+def write_tokenizer(directory: Path, vocab_size: int, max_seq_length: int) -> int:
+    """Train the tiny XLM-R-style tokenizer on the corpus, save it in ``directory`` and
+    return how many tokens it learnt."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import UnigramTrainer
+    from transformers import XLMRobertaTokenizerFast  # type: ignore[attr-defined]
 
     # XLM-R's special tokens, in XLM-R's order: <s>=0, <pad>=1, </s>=2, <unk>=3.
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -117,24 +136,34 @@ def build_tiny_m3(
         model_max_length=max_seq_length,
     )
     fast.save_pretrained(str(directory))
+    return int(tok.get_vocab_size())
 
-    config = XLMRobertaConfig(
-        vocab_size=model_vocab_size or tok.get_vocab_size(),
+
+def xlm_roberta_config(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    layers: int,
+    heads: int,
+    intermediate_size: int,
+    max_seq_length: int,
+    layer_norm_eps: float,
+    **extra: Any,
+) -> Any:
+    """An XLM-RoBERTa config with XLM-R's special token ids and position offset."""
+    from transformers import XLMRobertaConfig
+
+    return XLMRobertaConfig(
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=intermediate_size or hidden_size * 2,
+        intermediate_size=intermediate_size,
         layer_norm_eps=layer_norm_eps,
         max_position_embeddings=max_seq_length + 2,
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,
         type_vocab_size=1,
+        **extra,
     )
-    model = XLMRobertaModel(config, add_pooling_layer=False)
-    model.save_pretrained(str(directory))
-    torch.save(torch.nn.Linear(hidden_size, 1).state_dict(), directory / "sparse_linear.pt")
-    torch.save(
-        torch.nn.Linear(hidden_size, hidden_size).state_dict(), directory / "colbert_linear.pt"
-    )
-    return directory
