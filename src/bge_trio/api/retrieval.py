@@ -95,7 +95,7 @@ async def tei_rerank() -> Response:
     out. ``score`` is sigmoid(logit), or the logit with ``raw_scores``; with an embedding
     model, the hybrid score either way."""
     payload = await body()
-    engine, req = _rerank_request(payload, _tei_request)
+    engine, req = _rerank_request(payload, schemas.parse_tei_rerank_request)
     raw_scores = schemas.parse_flag(payload, "raw_scores")
     relevance, _ = await _relevance(engine, req)
     scores = relevance.raw if raw_scores and relevance.raw is not None else relevance.scores
@@ -106,11 +106,6 @@ async def tei_rerank() -> Response:
             result["text"] = req.documents[di]
         results.append(result)
     return json_response(results)
-
-
-def _tei_request(payload: dict[str, Any], **limits: Any) -> schemas.ScoreRequest:
-    request, _ = schemas.parse_tei_rerank_request(payload, **limits)
-    return request
 
 
 @attrs.frozen(eq=False)

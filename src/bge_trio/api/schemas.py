@@ -260,9 +260,9 @@ def parse_tei_rerank_request(
     max_pairs: int,
     max_chars: int | None = None,
     weights: Weights = EQUAL_WEIGHTS,
-) -> tuple[ScoreRequest, bool]:
-    """TEI's /rerank: ``query``, ``texts``, ``raw_scores`` and ``return_text``; the
-    request, and whether raw scores (logits) were asked for."""
+) -> ScoreRequest:
+    """TEI's /rerank: ``query``, ``texts`` and ``return_text`` (``raw_scores`` is how the
+    answer is shaped: the route reads it)."""
     query = body.get("query")
     if not isinstance(query, str):
         raise invalid("'query' must be a string", param="query", code="invalid_input")
@@ -271,8 +271,7 @@ def parse_tei_rerank_request(
         raise invalid("'texts' must be a list of strings", param="texts", code="invalid_input")
     texts = _strings(raw, "texts", max_items)
     scoring = _scoring(body, [query], texts, max_pairs, max_chars, weights)
-    raw = parse_flag(body, "raw_scores")
-    return attrs.evolve(scoring, return_documents=parse_flag(body, "return_text")), raw
+    return attrs.evolve(scoring, return_documents=parse_flag(body, "return_text"))
 
 
 def _scoring(

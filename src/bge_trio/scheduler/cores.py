@@ -105,14 +105,6 @@ class Cores:
         self._running[engine] -= 1
         self._wake_all()
 
-    def time_used(self) -> dict[int, float]:
-        """Seconds of regular passes each engine has had."""
-        return dict(self._used)
-
-    @property
-    def regular_busy(self) -> int:
-        return int(self._limiter.borrowed_tokens)
-
     # -- the express lane -------------------------------------------------------------
 
     def reserve_express(self) -> None:
