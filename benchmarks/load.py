@@ -280,7 +280,7 @@ def main() -> None:
     encoders = {d: load_encoder(source, dtype=d, threads=threads) for d in dtypes}
     report: dict[str, Any] = {
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": threads,
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -398,7 +398,7 @@ def m3_heads_quality(dtypes: list[str]) -> dict[str, Any]:
         }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from benchmarks.docs import DOCS, write_block
-from benchmarks.load import Server
+from benchmarks.load import Server, cpu_name
 from bge_trio.cgroups import cpu_count
 from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
 from bge_trio.memory.probe import PeakMeter
@@ -285,7 +285,7 @@ def main() -> None:
     model = standin()
     report: dict[str, Any] = {
         "machine": {
-            "cpu": _cpu(),
+            "cpu": cpu_name(),
             "threads": cpu_count(),
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -410,13 +410,6 @@ def table(report: dict[str, Any]) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}"
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

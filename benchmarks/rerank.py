@@ -37,7 +37,7 @@ from tokenizers import Tokenizer
 
 from benchmarks.docs import DOCS, write_block
 from benchmarks.fairness import QUERY, queries, standin
-from benchmarks.load import Server, _cpu_name
+from benchmarks.load import Server, cpu_name
 from benchmarks.m3 import MODELS
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.loading import bf16_supported
@@ -221,7 +221,7 @@ def main() -> None:
         server.stop()
     result["setup"] = {
         "models": f"BGE-M3 and bge-reranker-v2-m3 stand-ins, {args.layers} layers, one process",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": cpu_count(),
         "native_bf16": bf16_supported(),
         "docs": args.docs,

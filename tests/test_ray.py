@@ -1,11 +1,11 @@
-"""bge-trio embed --ray on a real local Ray cluster (2 CPUs) started by the test."""
+"""bge-trio embed --ray on a real local Ray cluster (2 CPUs) started by the test, with
+files or a real S3-compatible server (moto's) for the input and output."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.processes import bge_trio, env_for
+from tests.s3 import BUCKET, free_port, names, put, read_s3, s3_env
+
+__all__ = ["s3_env"]  # the fixture
 
 # a throwaway cluster on loopback, for this test only
 RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
@@ -29,16 +32,10 @@ TEXTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
     ray = str(Path(bge_trio()[0]).with_name("ray"))
-    port = _free_port()
+    port = free_port()
     # Ray's socket paths must be short; pytest's temporary directories are not
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     start = [
@@ -129,7 +126,7 @@ def _ray_command(cluster: str, source: Path, out: Path) -> list[str]:
         "2",
         "--threads-per-actor",
         "1",
-        "--batch-rows",
+        "--shard-rows",
         "16",
     ]
 
@@ -216,3 +213,72 @@ def test_an_actor_killed_midway_still_writes_every_id_once(
     _, stderr = job.communicate(timeout=600)
     assert job.returncode == 0, stderr
     assert sorted(_vectors(tmp_path / "ray")) == sorted(f"d{i}" for i in range(1600))
+
+
+def test_ray_reads_and_writes_s3_as_the_local_job_does(
+    tmp_path: Path, ray_cluster: str, s3_env: dict[str, str]
+) -> None:
+    data = tmp_path / "in.jsonl"
+    _corpus(data, 48)  # three parts of 16
+    _with_bad_lines(data)
+    source = put(s3_env, "ray/in.jsonl", data.read_bytes())
+    command = _ray_command(ray_cluster, Path(source), Path("unused"))
+    command[command.index("unused")] = f"s3://{BUCKET}/ray/out"
+    command[command.index(str(Path(source)))] = source  # Path() would fold the "//"
+    done = subprocess.run(
+        command,
+        env=env_for(tmp_path, dtype="fp32", **RAY_ENV, **s3_env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    on_s3 = read_s3(s3_env, "ray/out")
+    assert names(s3_env, "ray/out") == ["_manifest.json"] + [
+        f"part-{i:05d}.parquet" for i in range(3)
+    ]
+    local = _local(tmp_path, data)
+    table = on_s3.filter(pc.is_null(on_s3.column("error")))
+    vectors = dict(
+        zip(table.column("id").to_pylist(), table.column("dense").to_pylist(), strict=True)
+    )
+    assert sorted(vectors) == sorted(local)
+    for key, vector in local.items():
+        np.testing.assert_allclose(vectors[key], vector, atol=1e-5)
+
+
+def test_a_ray_job_killed_as_a_whole_resumes_every_id_once(
+    tmp_path: Path, ray_cluster: str
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "ray"
+    _corpus(source, 480)
+    command = _ray_command(ray_cluster, source, out)
+    env = env_for(tmp_path, dtype="fp32", **RAY_ENV)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / "_manifest.json"
+    deadline = time.monotonic() + 300
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["done"]) >= 3):
+        assert driver.poll() is None, "the job ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    driver.kill()  # the driver, as a lost head node or a reclaimed machine would
+    driver.wait()
+    recorded = json.loads(manifest.read_text())["done"]
+    assert 3 <= len(recorded) < 30  # stopped midway
+    written = {name: (out / name).stat().st_mtime_ns for name in recorded}
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    # the parts recorded before the kill were kept, not embedded again
+    assert {name: (out / name).stat().st_mtime_ns for name in recorded} == written
+    assert len(json.loads(manifest.read_text())["done"]) == 30
+    assert not list(out.glob(".*.partial"))
+    resumed, local = _vectors(out), _local(tmp_path, source)
+    assert sorted(resumed) == sorted(local) == sorted(f"d{i}" for i in range(480))
+    for key, vector in local.items():
+        np.testing.assert_allclose(resumed[key], vector, atol=1e-5)
+
+    changed = subprocess.run(
+        [*command, "--shard-rows", "8"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert changed.returncode == 2
+    assert "holds another job (its shard_rows differ)" in changed.stderr

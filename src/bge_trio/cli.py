@@ -85,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser(
         "embed", help="embed a JSONL or Parquet corpus into Parquet (resumable; or on Ray)"
     )
-    embed.add_argument("input", help="a .jsonl or .parquet file of rows with an id and a text")
-    embed.add_argument("output", help="a directory: Parquet parts (and, locally, a manifest)")
+    embed.add_argument(
+        "input",
+        help="a .jsonl or .parquet file of rows with an id and a text: a path, or a URI "
+        "(s3://bucket/key, gs://...)",
+    )
+    embed.add_argument(
+        "output", help="a directory (a path or s3://bucket/prefix): Parquet parts and a manifest"
+    )
     embed.add_argument("--id-column", default="id")
     embed.add_argument("--text-column", default="text")
     embed.add_argument(
@@ -98,11 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-rows", type=int, default=1000, help="rows per part file (the unit of resuming)"
     )
     embed.add_argument(
-        "--ray", metavar="ADDRESS", help="run on Ray Data: 'auto', 'local', or host:port"
+        "--ray", metavar="ADDRESS", help="run on Ray actors: 'auto', 'local', or host:port"
     )
     embed.add_argument("--actors", type=int, help="Ray actors (default: cluster CPUs / threads)")
     embed.add_argument("--threads-per-actor", type=int, default=1)
-    embed.add_argument("--batch-rows", type=int, default=256, help="rows per Ray actor call")
     _add_setting_flags(embed)
     return parser
 

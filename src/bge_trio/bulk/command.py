@@ -5,16 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bge_trio import logs
 from bge_trio.config import Settings
 from bge_trio.model.encoder import Output
 from bge_trio.model.source import ModelSource
-
-if TYPE_CHECKING:
-    from bge_trio.bulk.rows import Columns
 
 MODES: tuple[Output, ...] = ("dense", "sparse", "colbert")
 EXIT_INPUT = 2
@@ -36,12 +31,21 @@ def run_embed_command(args: argparse.Namespace, settings: Settings, source: Mode
     if args.shard_rows < 1:
         return _fail("--shard-rows must be at least 1")
     try:
-        if args.ray:
-            return _on_ray(args, columns, outputs, source)
         from bge_trio.bulk.job import Job, run_local
+        from bge_trio.bulk.store import Location
 
-        job = Job(Path(args.input), Path(args.output), columns, outputs, args.shard_rows)
-        summary = run_local(job, settings, source)
+        try:
+            where = Location.parse(args.input), Location.parse(args.output)
+        except OSError as exc:
+            return _fail(str(exc))
+        job = Job(*where, columns, outputs, args.shard_rows)
+        if args.ray:
+            from bge_trio.bulk.on_ray import RayOptions, run_on_ray
+
+            options = RayOptions(args.ray, args.actors, args.threads_per_actor)
+            summary = run_on_ray(job, settings, source, options)
+        else:
+            summary = run_local(job, settings, source)
     except InputError as exc:
         return _fail(str(exc))
     logging.getLogger("bge_trio.bulk").info(
@@ -53,26 +57,6 @@ def run_embed_command(args: argparse.Namespace, settings: Settings, source: Mode
         summary.tokens,
         summary.seconds,
     )
-    return 0
-
-
-def _on_ray(
-    args: argparse.Namespace, columns: Columns, outputs: frozenset[Output], source: ModelSource
-) -> int:
-    from bge_trio.bulk.on_ray import RayJob, run_on_ray
-
-    job = RayJob(
-        Path(args.input),
-        Path(args.output),
-        columns,
-        outputs,
-        args.ray,
-        actors=args.actors,
-        threads_per_actor=args.threads_per_actor,
-        batch_rows=args.batch_rows,
-    )
-    rows = run_on_ray(job, str(source.path))
-    logging.getLogger("bge_trio.bulk").info("done: %d rows written to %s", rows, job.output)
     return 0
 
 

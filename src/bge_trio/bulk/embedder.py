@@ -38,6 +38,17 @@ class Rows:
     errors: dict[int, str]  # input index -> reason
 
 
+@attrs.frozen(eq=False)
+class Tokenized:
+    """Texts tokenized and fitted to the length rules, before any forward pass."""
+
+    count: int  # texts (or rows) in all
+    kept: list[int]  # the input index of each text that will be embedded
+    ids: list[list[int]]  # its token ids
+    windows: list[Windows]  # and how it is cut (one window unless chunked)
+    errors: dict[int, str]  # input index -> why it has no vectors
+
+
 class BulkEmbedder:
     def __init__(
         self,
@@ -67,6 +78,27 @@ class BulkEmbedder:
     def embed(self, texts: Sequence[str]) -> Rows:
         """Every text, in passes the server's planner would run; long texts follow
         ``BGE_TRIO_LONG_INPUT`` (a text refused by it is an error, not an exception)."""
+        return self.finish(self.tokenize(texts))
+
+    def embed_rows(self, rows: Sequence[Row | BadRow]) -> Rows:
+        """Every row in order; a bad row gets its reason as its error and no vectors."""
+        return self.finish(self.tokenize_rows(rows))
+
+    def tokenize_rows(self, rows: Sequence[Row | BadRow]) -> Tokenized:
+        """The first stage of :meth:`embed_rows` (no forward pass: it can run in
+        another thread while the model embeds the rows before)."""
+        good = [i for i, row in enumerate(rows) if isinstance(row, Row)]
+        tokenized = self.tokenize([rows[i].text for i in good])  # type: ignore[union-attr]
+        errors = {i: row.reason for i, row in enumerate(rows) if isinstance(row, BadRow)}
+        errors.update({good[j]: reason for j, reason in tokenized.errors.items()})
+        return attrs.evolve(
+            tokenized,
+            count=len(rows),
+            kept=[good[j] for j in tokenized.kept],
+            errors=errors,
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> Tokenized:
         encoder = self.encoder
         ids = encoder.tokenize(texts)
         lengths = Lengths(
@@ -76,6 +108,7 @@ class BulkEmbedder:
             chunk_overlap=self.settings.chunk_overlap,
         )
         kept: list[int] = []
+        kept_ids: list[list[int]] = []
         windows: list[Windows] = []
         errors: dict[int, str] = {}
         for index, one in enumerate(ids):
@@ -85,28 +118,21 @@ class BulkEmbedder:
                 errors[index] = exc.about("the text")
                 continue
             kept.append(index)
+            kept_ids.append(one)
             windows.append(fitted)
+        return Tokenized(len(texts), kept, kept_ids, windows, errors)
+
+    def finish(self, tokenized: Tokenized) -> Rows:
+        """The forward passes of tokenized texts, results in input order."""
+        windows = tokenized.windows
         flat = [list(w) for fitted in windows for w in fitted.token_ids]
-        done = merged([ids[i] for i in kept], windows, self._forward_all(flat))
-        embeddings: list[Embedding | None] = [None] * len(texts)
-        tokens = [0] * len(texts)
-        for index, embedding, fitted in zip(kept, done.embeddings, windows, strict=True):
+        done = merged(tokenized.ids, windows, self._forward_all(flat))
+        embeddings: list[Embedding | None] = [None] * tokenized.count
+        tokens = [0] * tokenized.count
+        for index, embedding, fitted in zip(tokenized.kept, done.embeddings, windows, strict=True):
             embeddings[index] = embedding
             tokens[index] = fitted.tokens
-        return Rows(embeddings, tokens, errors)
-
-    def embed_rows(self, rows: Sequence[Row | BadRow]) -> Rows:
-        """Every row in order; a bad row gets its reason as its error and no vectors."""
-        good = [(i, row.text) for i, row in enumerate(rows) if isinstance(row, Row)]
-        result = self.embed([text for _, text in good])
-        embeddings: list[Embedding | None] = [None] * len(rows)
-        tokens = [0] * len(rows)
-        errors = {i: row.reason for i, row in enumerate(rows) if isinstance(row, BadRow)}
-        for j, (i, _) in enumerate(good):
-            embeddings[i], tokens[i] = result.embeddings[j], result.tokens[j]
-            if j in result.errors:
-                errors[i] = result.errors[j]
-        return Rows(embeddings, tokens, errors)
+        return Rows(embeddings, tokens, dict(tokenized.errors))
 
     def _forward_all(self, token_ids: list[list[int]]) -> list[Embedding]:
         """Shortest first, so each planned pass takes texts of like length (little padding)."""

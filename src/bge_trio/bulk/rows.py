@@ -1,18 +1,21 @@
 """Reading a corpus: JSONL or Parquet rows with an id and a text.
 
-A file that cannot be read, or lacks a column, stops the job with one line naming
-the file; a bad row (no id, a missing or empty text, a line that is not JSON) is
-reported with its row number and skipped, so it never loses the rest of the job.
+The input is a :class:`~bge_trio.bulk.store.Location`: a local file or an object in
+a store, read the same way. A file that cannot be read, or lacks a column, stops the
+job with one line naming the file; a bad row (no id, a missing or empty text, a line
+that is not JSON) is reported with its row number and skipped, so it never loses the
+rest of the job.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+
+from bge_trio.bulk.store import Location
 
 
 class InputError(ValueError):
@@ -39,32 +42,32 @@ class BadRow:
     reason: str
 
 
-def input_format(path: Path) -> str:
+def input_format(path: Location) -> str:
     name = path.name.lower()
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
     if name.endswith((".parquet", ".pq")):
         return "parquet"
-    raise InputError(f"{path}: unknown input format; use .jsonl or .parquet")
+    raise InputError(f"{path.uri}: unknown input format; use .jsonl or .parquet")
 
 
-def count_rows(path: Path) -> int:
+def count_rows(path: Location) -> int:
     """How many rows the input has (for progress and sharding)."""
     if input_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            return int(pq.ParquetFile(path).metadata.num_rows)
+            with path.open_file() as f:
+                return int(pq.ParquetFile(f).metadata.num_rows)
         except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+            raise InputError(f"{path.uri}: not a readable Parquet file ({exc})") from None
     try:
-        with path.open("rb") as f:
-            return sum(1 for line in f if line.strip())
+        return sum(1 for line in path.lines() if line.strip())
     except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        raise InputError(f"{path.uri}: cannot read it ({exc.strerror or exc})") from None
 
 
-def read_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
+def read_rows(path: Location, columns: Columns) -> Iterator[Row | BadRow]:
     """Every row in input order; JSONL blank lines are not rows."""
     if input_format(path) == "parquet":
         yield from _parquet_rows(path, columns)
@@ -95,23 +98,22 @@ def parse_line(number: int, line: str | bytes, columns: Columns) -> Row | BadRow
     return check_row(number, record, columns)
 
 
-def _jsonl_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
+def _jsonl_rows(path: Location, columns: Columns) -> Iterator[Row | BadRow]:
     try:
-        f = path.open("rb")
+        lines = path.lines()
     except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    with f:
-        number = 0
-        for line in f:
-            if not line.strip():
-                continue
-            if number == 0:
-                _check_first_line(path, line, columns)
-            yield parse_line(number, line, columns)
-            number += 1
+        raise InputError(f"{path.uri}: cannot read it ({exc.strerror or exc})") from None
+    number = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        if number == 0:
+            _check_first_line(path, line, columns)
+        yield parse_line(number, line, columns)
+        number += 1
 
 
-def _check_first_line(path: Path, line: bytes, columns: Columns) -> None:
+def _check_first_line(path: Location, line: bytes, columns: Columns) -> None:
     """The first line names the columns: a file without them is refused whole."""
     try:
         record = json.loads(line)
@@ -121,19 +123,21 @@ def _check_first_line(path: Path, line: bytes, columns: Columns) -> None:
         _check_columns(path, record.keys(), columns)
 
 
-def _parquet_rows(path: Path, columns: Columns) -> Iterator[Row | BadRow]:
+def _parquet_rows(path: Location, columns: Columns) -> Iterator[Row | BadRow]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        f = path.open_file()
+        parquet = pq.ParquetFile(f)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-    _check_columns(path, parquet.schema_arrow.names, columns)
-    number = 0
-    for batch in parquet.iter_batches(columns=[columns.id, columns.text], batch_size=4096):
-        for record in batch.to_pylist():
-            yield check_row(number, record, columns)
-            number += 1
+        raise InputError(f"{path.uri}: not a readable Parquet file ({exc})") from None
+    with f:
+        _check_columns(path, parquet.schema_arrow.names, columns)
+        number = 0
+        for batch in parquet.iter_batches(columns=[columns.id, columns.text], batch_size=4096):
+            for record in batch.to_pylist():
+                yield check_row(number, record, columns)
+                number += 1
 
 
 IdType = Literal["int", "str"]
@@ -165,10 +169,10 @@ def _fits(value: Any, id_type: IdType) -> bool:
     return isinstance(value, str)
 
 
-def _check_columns(path: Path, names: Any, columns: Columns) -> None:
+def _check_columns(path: Location, names: Any, columns: Columns) -> None:
     missing = [c for c in (columns.id, columns.text) if c not in set(names)]
     if missing:
         raise InputError(
-            f"{path}: no column {' or '.join(repr(c) for c in missing)} (it has: "
+            f"{path.uri}: no column {' or '.join(repr(c) for c in missing)} (it has: "
             f"{', '.join(sorted(map(str, names)))}); name them with --id-column / --text-column"
         )
