@@ -24,6 +24,7 @@ DEADLINE_S = 10.0
 TOKENS = 500  # token ids per text, so every text is exactly this long
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probe", ["off", "auto"])
 def test_requests_from_the_first_second_are_answered_or_refused_at_once(
     tmp_path: Path, probe: str

@@ -18,6 +18,8 @@ import pytest
 from tests.processes import bge_trio, env_for
 from tests.reference import ReferenceM3
 
+pytestmark = pytest.mark.slow  # bge-trio embed processes
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "A cat sleeps on the warm windowsill.",

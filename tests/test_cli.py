@@ -16,6 +16,8 @@ import pytest
 from tests.processes import HYPERCORN, bge_trio, env_for, serving
 from tests.reference import ReferenceM3, assert_dense_answer
 
+pytestmark = pytest.mark.slow  # the command line, run as processes
+
 
 def test_serve_answers_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
     command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]

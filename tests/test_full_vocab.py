@@ -16,6 +16,8 @@ from bge_trio.testing import build_full_m3
 from bge_trio.testing.tiny_m3 import M3_HIDDEN_SIZE, M3_VOCAB_SIZE
 from tests.processes import bge_trio, env_for, serving
 
+pytestmark = pytest.mark.slow  # a server process over a 1 GB stand-in
+
 
 @pytest.fixture(scope="session")
 def shallow_m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -22,7 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.processes import bge_trio, env_for, serving
+
+pytestmark = pytest.mark.slow  # a server process and schemathesis
 
 MAX_EXAMPLES = 60
 MAX_TIME_S = 30

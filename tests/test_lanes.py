@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from bge_trio.errors import Overloaded, TooSlow
 from bge_trio.memory.cost import CostModel
@@ -257,7 +258,7 @@ async def test_a_short_query_is_not_refused_for_the_long_work_queued(
         await trio.to_thread.run_sync(model.long_started.wait)
         for seed in range(1, 3):  # ~0.57 s each at the seeded pace
             nursery.start_soon(scheduler.submit, [_text(400, seed)], DENSE)
-        await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()
         assert scheduler.statistics().queued_items == 2
         # the running pass, two queued and itself: ~2.2 s, past 75 % of the 2.4 s deadline
         with pytest.raises(Overloaded) as full:

@@ -56,6 +56,7 @@ def _by_id(table: pa.Table) -> dict[Any, Any]:
     return found
 
 
+@pytest.mark.slow
 def test_s3_in_and_out_equals_local_files_and_resumes_there(
     tmp_path: Path, s3_env: dict[str, str]
 ) -> None:
@@ -105,6 +106,7 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
     assert "holds another job (its shard_rows differ)" in changed.stderr
 
 
+@pytest.mark.slow
 def test_parquet_from_s3_keeps_integer_ids(tmp_path: Path, s3_env: dict[str, str]) -> None:
     table = pa.table({"doc": list(range(9)), "body": [f"{TEXTS[i % 4]} {i}" for i in range(9)]})
     sink = pa.BufferOutputStream()
@@ -119,6 +121,7 @@ def test_parquet_from_s3_keeps_integer_ids(tmp_path: Path, s3_env: dict[str, str
     assert out.column("error").null_count == 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("setup", "source", "target", "message"),
     [
@@ -142,6 +145,7 @@ def test_bad_objects_are_one_line_naming_them(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_without_credentials_or_endpoint_the_store_is_named(tmp_path: Path) -> None:
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true"}
     env.update({k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})

@@ -8,10 +8,13 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bge_trio.testing import build_tiny_reranker
 from tests.conftest import MEMORY_CGROUP_LIMIT
 from tests.processes import HYPERCORN, env_for, serving
+
+pytestmark = pytest.mark.slow  # servers in a real memory cgroup
 
 
 def test_hammered_with_max_length_batches_inside_a_memory_limit(

@@ -154,6 +154,7 @@ print(json.dumps({"status": plan.status, "dtype": encoder.info.dtype,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_probe_predicts_held_out_passes(dtype: str, tmp_path: Path) -> None:
     """Passes of shapes the probe never ran, each of at least 5 % of the workspace, peak
@@ -200,6 +201,7 @@ print(json.dumps({"grown": resident_bytes() - before}))
 """
 
 
+@pytest.mark.slow
 def test_many_distinct_batch_shapes_do_not_grow_a_bf16_process() -> None:
     """bf16 matrix kernels are compiled and cached per shape; with the libraries' default
     caches 48 distinct shapes leave tens of MiB resident for good, past what the budget

@@ -20,6 +20,8 @@ import pytest
 from tests.processes import bge_trio, env_for
 from tests.s3 import BUCKET, free_port, names, put, read_s3, s3_env
 
+pytestmark = pytest.mark.slow  # a Ray cluster
+
 __all__ = ["s3_env"]  # the fixture
 
 # a throwaway cluster on loopback, for this test only

@@ -70,6 +70,7 @@ def _cache_file(cache_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_kill(
     memory_cgroup: Path, tmp_path: Path
 ) -> None:
@@ -145,6 +146,7 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
         assert kept["a"] > true_a / 4 * 3
 
 
+@pytest.mark.slow
 def test_a_bf16_server_measures_its_passes_and_corrects_a_cost_model_too_small(
     tmp_path: Path,
 ) -> None:

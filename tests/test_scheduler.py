@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,7 +126,7 @@ async def test_cancelled_requests_never_reach_the_model(tiny_encoder: Encoder) -
             answered.set()
 
         nursery.start_soon(survivor)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # it waits behind the closed gate
         scheduler.open()
         with trio.fail_after(10):
             await answered.wait()
@@ -143,7 +144,8 @@ async def test_concurrent_requests_share_batches(tiny_encoder: Encoder) -> None:
         async with trio.open_nursery() as clients:
             for request in requests:
                 clients.start_soon(scheduler.submit, request, DENSE)
-            await trio.sleep(0.05)  # all queued behind the closed gate
+            await trio.testing.wait_all_tasks_blocked()
+            assert scheduler.statistics().queued_items == 6  # all behind the closed gate
             scheduler.open()
         nursery.cancel_scope.cancel()
     assert len(model.batches) == 1
@@ -224,7 +226,7 @@ async def test_a_batch_waits_for_requests_still_being_tokenised(tiny_encoder: En
                 await scheduler.submit(second, DENSE)
 
             clients.start_soon(late)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # it is "tokenising"
             with trio.fail_after(10):
                 await scheduler.submit(first, DENSE)
         nursery.cancel_scope.cancel()
@@ -240,9 +242,10 @@ async def test_short_texts_do_not_ride_padded_with_a_long_one(tiny_encoder: Enco
         await nursery.start(scheduler.run)
         async with trio.open_nursery() as clients:
             clients.start_soon(scheduler.submit, long, DENSE)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()
             clients.start_soon(scheduler.submit, short, DENSE)
-            await trio.sleep(0.05)  # both queued behind the closed gate
+            await trio.testing.wait_all_tasks_blocked()
+            assert scheduler.statistics().queued_items == 4  # behind the closed gate
             scheduler.open()
         nursery.cancel_scope.cancel()
     # the budget would fit all four in one pass; the padding would cost ~580 tokens

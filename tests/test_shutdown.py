@@ -25,6 +25,8 @@ from tests.conftest import Server, running_server
 from tests.processes import HYPERCORN, Served, bge_trio, env_for, serving
 from tests.test_gate import ControllableProbe
 
+pytestmark = pytest.mark.slow  # server processes, signalled
+
 GRACEFUL_S = 6
 CLIENTS = 16
 # about 4k tokens per request (64k in all): the first few finish in the window, the rest
