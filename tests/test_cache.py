@@ -17,6 +17,9 @@ from bge_trio.memory.cache import ProbeCache, make_key
 from bge_trio.memory.cost import CostModel, Point
 from bge_trio.memory.plan import MemoryPlan, cache_key_for, plan_memory, store_correction
 from bge_trio.model.encoder import Encoder
+from bge_trio.model.loading import load_encoder
+from bge_trio.model.source import resolve_model
+from bge_trio.testing import build_tiny_m3
 
 FIELDS: dict[str, str | int] = {
     "package": "0.1.0",
@@ -29,6 +32,7 @@ FIELDS: dict[str, str | int] = {
     "threads": 2,
 }
 POINTS = (Point(8, 512, 123456), Point(1, 512, 23456))
+WEIGHTS = {".safetensors", ".pt"}
 
 
 def test_store_then_load_is_a_hit(tmp_path: Path) -> None:
@@ -89,6 +93,30 @@ def test_the_allocator_setting_changes_the_key(tiny_encoder: Encoder) -> None:
         for allocator in ("predictable", "fast")
     }
     assert len(keys) == 2
+
+
+def test_weights_replaced_in_place_are_a_miss(tmp_path: Path) -> None:
+    """A checkpoint overwritten in the same directory (same file names and sizes, other
+    weights) must not reuse the measurements of the model it replaced."""
+    model = build_tiny_m3(tmp_path / "model", seed=0)
+    settings = Settings(model=str(model), dtype="fp32")
+
+    def key() -> dict[str, str | int]:
+        return cache_key_for(load_encoder(resolve_model(str(model)), dtype="fp32"), settings)
+
+    cache = ProbeCache(tmp_path / "cache")
+    first = key()
+    cache.store(make_key(**first), CostModel(1.0, 2.0, 3.0), POINTS, "vmhwm")
+    assert cache.load(make_key(**key())) is not None  # the same weights: a hit
+    sizes = sorted((p.name, p.stat().st_size) for p in model.iterdir())
+    kept = {p.name: p.read_bytes() for p in model.iterdir() if p.suffix not in WEIGHTS}
+    build_tiny_m3(model, seed=1)
+    for name, data in kept.items():  # only the weights change
+        (model / name).write_bytes(data)
+    assert sorted((p.name, p.stat().st_size) for p in model.iterdir()) == sizes
+    second = key()
+    assert {k for k in first if first[k] != second[k]} == {"model"}
+    assert cache.load(make_key(**second)) is None
 
 
 def test_negative_coefficients_are_rejected(tmp_path: Path) -> None:

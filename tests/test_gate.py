@@ -11,28 +11,31 @@ import trio.lowlevel
 
 from bge_trio.config import Settings
 from bge_trio.memory.budget import Budget
-from bge_trio.memory.cost import CostModel
+from bge_trio.memory.cost import CostModel, Point
 from bge_trio.memory.plan import MemoryPlan
-from bge_trio.memory.probe import Progress
+from bge_trio.memory.probe import ProbeProgress, Progress
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.gate import Gate
-from tests.conftest import running_server
+from tests.conftest import running_server, wait_ready
 from tests.reference import ReferenceM3, assert_dense_answer
 
 
 class ControllableProbe:
     """A planner that measures nothing until the test lets it finish (or crash)."""
 
-    def __init__(self, crash: bool = False) -> None:
+    def __init__(self, crash: bool = False, step: ProbeProgress | None = None) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
         self.crash = crash
+        self.step = step  # reported as the probe's progress before it waits
 
     def __call__(
         self, encoder: Encoder, settings: Settings, budget: Budget, *, progress: Progress | None
     ) -> MemoryPlan:
+        if self.step is not None and progress is not None:
+            progress(self.step)
         self.started.set()
         self.release.wait(timeout=60)
         if self.crash:
@@ -42,6 +45,24 @@ class ControllableProbe:
     async def wait_started(self) -> None:
         """Wait (off the event loop) until the server's startup is inside the probe."""
         assert await trio.to_thread.run_sync(self.started.wait, 30)
+
+
+async def test_health_reports_the_probe_s_progress(tiny_model_dir: Path, settings_for: Any) -> None:
+    step = ProbeProgress(2, 5, Point(8, 512, 0), elapsed_s=3.04, remaining_s=7.46)
+    probe = ControllableProbe(step=step)
+    async with running_server(settings_for(tiny_model_dir), ready=False, planner=probe) as server:
+        await probe.wait_started()
+        try:
+            health = await server.client.get("/health")
+        finally:
+            probe.release.set()  # a failed assertion must not leave the probe waiting
+        assert health.status_code == 503
+        assert health.json() == {
+            "status": "probing",
+            "probe_progress": {"shape": 2, "of": 5, "seconds": 3.0, "estimate_remaining_s": 7.5},
+        }
+        await wait_ready(server.client)
+        assert "probe_progress" not in (await server.client.get("/health")).json()
 
 
 async def test_request_during_probe_waits_then_succeeds(

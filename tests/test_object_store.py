@@ -1,8 +1,10 @@
 """bge-trio embed reading from and writing to S3: a real S3-compatible server (moto's
-server mode) on 127.0.0.1, reached through the standard AWS environment variables."""
+server mode) on 127.0.0.1, reached through the standard AWS environment variables; and
+the store's and the manifest's rules that hold on any filesystem."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bge_trio.config import Settings
+from bge_trio.model.source import ModelSource
 from tests.processes import bge_trio, env_for
 from tests.s3 import BUCKET, fs, mtime, names, put, read_s3, s3_env
 
@@ -164,3 +168,32 @@ def test_lines_are_whole_across_read_blocks(tmp_path: Path) -> None:
     path.write_bytes(b"\n".join(lines))  # no newline after the last
     assert path.stat().st_size > 2 * LINES_BLOCK
     assert list(Location.parse(str(path)).lines()) == lines
+
+
+def test_a_rerun_over_a_changed_input_is_refused(
+    tmp_path: Path, bundled_source: ModelSource
+) -> None:
+    """The manifest keeps a fingerprint of the input: the same command over an input that
+    changed since (a row added) must not resume into the same output."""
+    from bge_trio.bulk.job import Job, run_local
+    from bge_trio.bulk.rows import Columns, InputError
+    from bge_trio.bulk.store import Location
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(corpus_lines(8)[:3]) + "\n")
+    settings = Settings(model="bundled", dtype="fp32", probe="off", cache_dir=tmp_path / "cache")
+    job = Job(
+        Location.parse(str(source)),
+        Location.parse(str(tmp_path / "out")),
+        Columns(),
+        frozenset({"dense"}),
+        shard_rows=2,
+    )
+    done = run_local(job, settings, bundled_source, stream=io.StringIO())
+    assert (done.rows, done.embedded, done.parts) == (3, 3, 2)
+    again = run_local(job, settings, bundled_source, stream=io.StringIO())
+    assert (again.rows, again.parts) == (3, 2)  # nothing left to do: the same job
+    with source.open("a") as f:
+        f.write(json.dumps({"id": "late", "text": "a row added after the first run"}) + "\n")
+    with pytest.raises(InputError, match="its input_fingerprint differ"):
+        run_local(job, settings, bundled_source, stream=io.StringIO())
