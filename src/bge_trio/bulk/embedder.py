@@ -87,14 +87,14 @@ class BulkEmbedder:
     def tokenize_rows(self, rows: Sequence[Row | BadRow]) -> Tokenized:
         """The first stage of :meth:`embed_rows` (no forward pass: it can run in
         another thread while the model embeds the rows before)."""
-        good = [i for i, row in enumerate(rows) if isinstance(row, Row)]
-        tokenized = self.tokenize([rows[i].text for i in good])  # type: ignore[union-attr]
+        good = [(i, row.text) for i, row in enumerate(rows) if isinstance(row, Row)]
+        tokenized = self.tokenize([text for _, text in good])
         errors = {i: row.reason for i, row in enumerate(rows) if isinstance(row, BadRow)}
-        errors.update({good[j]: reason for j, reason in tokenized.errors.items()})
+        errors.update({good[j][0]: reason for j, reason in tokenized.errors.items()})
         return attrs.evolve(
             tokenized,
             count=len(rows),
-            kept=[good[j] for j in tokenized.kept],
+            kept=[good[j][0] for j in tokenized.kept],
             errors=errors,
         )
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TextIO
 
 import attrs
 
-from bge_trio.bulk.embedder import BulkEmbedder
+from bge_trio.bulk.embedder import BulkEmbedder, Tokenized
 from bge_trio.bulk.manifest import Manifest, fingerprint
 from bge_trio.bulk.parts import PartWriter, Shard, ShardDone, describe, vector_settings
 from bge_trio.bulk.progress import Progress
@@ -136,11 +136,11 @@ class LocalRunner:
     def __init__(
         self, embedder: BulkEmbedder, settings: Settings, output: Location, id_type: IdType
     ) -> None:
-        self._settings = settings
-        self._writer = PartWriter(embedder, output, id_type, describe(embedder, settings)[0])
+        self._described = describe(embedder, settings)
+        self._writer = PartWriter(embedder, output, id_type, self._described[0])
 
     def describe(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return describe(self._writer.embedder, self._settings)
+        return self._described
 
     def run(self, shards: Iterator[Shard]) -> Iterator[ShardDone]:
         writer = self._writer
@@ -149,7 +149,7 @@ class LocalRunner:
             ThreadPoolExecutor(1, thread_name_prefix="bulk-write") as writing,
         ):
 
-            def read_next() -> Any:
+            def read_next() -> tuple[Shard, Tokenized] | None:
                 shard = next(shards, None)  # the rows are read in this thread too
                 return None if shard is None else writer.tokenize(shard)
 

@@ -57,32 +57,34 @@ class PartWriter:
     id_type: IdType
     metadata: dict[str, Any]  # the schema's ``bge_trio`` key
 
-    def tokenize(self, shard: Shard) -> tuple[Shard, list[Row | BadRow], Tokenized]:
-        checked = [typed(row, self.id_type) for row in shard.rows]
-        return shard, checked, self.embedder.tokenize_rows(checked)
+    def tokenize(self, shard: Shard) -> tuple[Shard, Tokenized]:
+        """The shard with its ids of the job's type, and its texts tokenised."""
+        typed_shard = attrs.evolve(shard, rows=[typed(row, self.id_type) for row in shard.rows])
+        return typed_shard, self.embedder.tokenize_rows(typed_shard.rows)
 
-    def embed(self, tokenized: tuple[Shard, list[Row | BadRow], Tokenized]) -> Any:
-        shard, checked, tokens = tokenized
-        return shard, checked, self.embedder.finish(tokens)
+    def embed(self, tokenized: tuple[Shard, Tokenized]) -> tuple[Shard, Rows]:
+        shard, tokens = tokenized
+        return shard, self.embedder.finish(tokens)
 
-    def write(self, embedded: tuple[Shard, list[Row | BadRow], Rows]) -> ShardDone:
-        shard, checked, result = embedded
-        errors = [result.errors.get(i) for i in range(len(checked))]
+    def write(self, embedded: tuple[Shard, Rows]) -> ShardDone:
+        shard, result = embedded
+        rows = shard.rows
+        errors = [result.errors.get(i) for i in range(len(rows))]
         target = records.schema(
             records.arrow_id_type(self.id_type), self.embedder.outputs, self.metadata
         )
         table = records.table(
-            [r.id for r in checked], result.embeddings, result.tokens, errors, target
+            [r.id for r in rows], result.embeddings, result.tokens, errors, target
         )
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.output.child(shard.name).write_whole(buffer.getvalue())
         failed = [
             (row.id, row.number, error)
-            for row, error in zip(checked, errors, strict=True)
+            for row, error in zip(rows, errors, strict=True)
             if error is not None
         ]
-        return ShardDone(shard.name, len(checked), sum(result.tokens), failed)
+        return ShardDone(shard.name, len(rows), sum(result.tokens), failed)
 
     def run(self, shard: Shard) -> ShardDone:
         return self.write(self.embed(self.tokenize(shard)))
