@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from bge_trio.testing import build_tiny_reranker
@@ -28,8 +29,10 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         BGE_TRIO_PROBE="auto",
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
         BGE_TRIO_MAX_QUEUE_ITEMS="512",
+        # a deadline that admits the whole burst: every request is answered in full
+        BGE_TRIO_REQUEST_TIMEOUT_S="600",
     )
-    statuses: list[int] = []
+    answers: list[httpx.Response] = []
     with serving(["sh", "-c", command], env) as served:
         url = served.url
         health = httpx.get(url + "/health").json()
@@ -38,12 +41,10 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         text = "memory safety under a hard limit " * 80  # past the 256-token maximum
 
         def client() -> None:
-            with httpx.Client(base_url=url, timeout=300) as http:
-                for _ in range(2):
-                    r = http.post("/v1/embeddings", json={"input": [text] * 64})
-                    statuses.append(r.status_code)
+            with httpx.Client(base_url=url, timeout=600) as http:
+                answers.append(http.post("/v1/embeddings", json={"input": [text] * 64}))
 
-        threads = [threading.Thread(target=client) for _ in range(8)]
+        threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -51,10 +52,12 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         assert served.process.poll() is None, "the server died:\n" + "".join(served.stderr[-20:])
         assert httpx.get(url + "/health").status_code == 200
     _assert_never_killed(memory_cgroup)
-    assert len(statuses) == 16
-    assert set(statuses) <= {200, 413, 429}
-    assert 200 in statuses
     _assert_never_at_the_limit(memory_cgroup)
+    assert [r.status_code for r in answers] == [200] * 4
+    # one text, cut alike in every batch: one vector, whatever batch it was in
+    vectors = np.array([item["embedding"] for r in answers for item in r.json()["data"]])
+    assert vectors.shape == (4 * 64, 384)
+    np.testing.assert_allclose(vectors, np.broadcast_to(vectors[0], vectors.shape), atol=1e-5)
 
 
 def test_an_embedder_and_a_reranker_in_one_hypercorn_process_inside_a_memory_limit(
@@ -62,8 +65,8 @@ def test_an_embedder_and_a_reranker_in_one_hypercorn_process_inside_a_memory_lim
 ) -> None:
     """Both models of one ``hypercorn --worker-class trio`` process, in a cgroup sized for
     both plus a small workspace, under mixed traffic: long embeddings and reranks of many
-    long documents at once. Never OOM-killed, never at the limit, every answer 200, 413
-    or 429."""
+    long documents at once. Never OOM-killed, never at the limit, every request answered
+    in full."""
     reranker = build_tiny_reranker(
         tmp_path / "reranker", hidden_size=384, layers=6, heads=6, intermediate_size=1536
     )
@@ -75,9 +78,11 @@ def test_an_embedder_and_a_reranker_in_one_hypercorn_process_inside_a_memory_lim
         BGE_TRIO_PROBE="auto",
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
         BGE_TRIO_MAX_QUEUE_ITEMS="512",
-        BGE_TRIO_REQUEST_TIMEOUT_S="120",
+        # Admission is not what this test is about: a deadline that admits the whole burst,
+        # so both models' passes run side by side at the budget on any CPU.
+        BGE_TRIO_REQUEST_TIMEOUT_S="600",
     )
-    statuses: list[tuple[str, int]] = []
+    answers: list[tuple[str, httpx.Response]] = []
     with serving(["sh", "-c", command], env) as served:
         url = served.url
         health = httpx.get(url + "/health").json()
@@ -88,18 +93,16 @@ def test_an_embedder_and_a_reranker_in_one_hypercorn_process_inside_a_memory_lim
         document = "memory safety under a hard limit " * 30  # about 250 tokens
 
         def embedder() -> None:
-            with httpx.Client(base_url=url, timeout=300) as http:
-                for _ in range(2):
-                    body = {"model": "minilm", "input": [text] * 64}
-                    statuses.append(("embed", http.post("/v1/embeddings", json=body).status_code))
+            with httpx.Client(base_url=url, timeout=600) as http:
+                body = {"model": "minilm", "input": [text] * 64}
+                answers.append(("embed", http.post("/v1/embeddings", json=body)))
 
         def reranking() -> None:
-            with httpx.Client(base_url=url, timeout=300) as http:
-                for _ in range(2):
-                    body = {"query": "is memory safe?", "documents": [document] * 100}
-                    statuses.append(("rerank", http.post("/v1/rerank", json=body).status_code))
+            with httpx.Client(base_url=url, timeout=600) as http:
+                body = {"query": "is memory safe?", "documents": [document] * 64}
+                answers.append(("rerank", http.post("/v1/rerank", json=body)))
 
-        threads = [threading.Thread(target=f) for f in (embedder, reranking) * 4]
+        threads = [threading.Thread(target=f) for f in (embedder, reranking) * 2]
         for t in threads:
             t.start()
         for t in threads:
@@ -107,11 +110,20 @@ def test_an_embedder_and_a_reranker_in_one_hypercorn_process_inside_a_memory_lim
         assert served.process.poll() is None, "the server died:\n" + "".join(served.stderr[-20:])
         assert httpx.get(url + "/health").status_code == 200
     _assert_never_killed(memory_cgroup)
-    assert len(statuses) == 16
-    assert {status for _, status in statuses} <= {200, 413, 429}
-    assert ("embed", 200) in statuses
-    assert ("rerank", 200) in statuses
     _assert_never_at_the_limit(memory_cgroup)
+    assert sorted((kind, r.status_code) for kind, r in answers) == [
+        ("embed", 200),
+        ("embed", 200),
+        ("rerank", 200),
+        ("rerank", 200),
+    ]
+    for kind, r in answers:
+        if kind == "embed":
+            assert len(r.json()["data"]) == 64
+        else:  # one document, one score, whichever pass it was in
+            scores = [result["relevance_score"] for result in r.json()["results"]]
+            assert len(scores) == 64
+            assert max(scores) - min(scores) < 1e-4
 
 
 def _assert_never_killed(cgroup: Path) -> None:
