@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from bge_trio.memory.cost import CostModel
@@ -244,13 +245,25 @@ async def test_unknown_fields_are_ignored(strict_server: Server, reference: Refe
     assert_dense_answer(r, reference, ["a"])
 
 
-async def test_truncation_caps_tokens(tiny_model_dir: Path, settings_for: Any) -> None:
+def _cut(reference: ReferenceM3, text: str, tokens: int) -> np.ndarray:
+    """The reference's dense vector of ``text`` cut as FlagEmbedding cuts it: the first
+    ``tokens`` - 1 ids, then the end-of-sequence id."""
+    ids = reference.ids(text)
+    (expected,) = reference.encode_ids([ids[: tokens - 1] + ids[-1:]])
+    return expected.dense
+
+
+async def test_truncation_keeps_the_first_tokens_and_the_end_of_sequence(
+    tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3
+) -> None:
     settings = settings_for(tiny_model_dir, max_seq_length=16)
     async with running_server(settings) as server:
         text = "the quick brown fox jumps over the lazy dog " * 4
         r = await server.client.post("/v1/embeddings", json={"input": [text, text]})
         assert r.status_code == 200
         assert r.json()["usage"]["prompt_tokens"] == 32
+        for item in r.json()["data"]:
+            np.testing.assert_allclose(item["embedding"], _cut(reference, text, 16), atol=1e-5)
         r = await server.client.post("/v1/colbert-embeddings", json={"input": text})
         assert len(r.json()["data"][0]["embeddings"]) == 15  # every token after CLS, EOS kept
 
@@ -271,6 +284,8 @@ async def test_text_too_large_for_the_memory_budget(
             assert r.status_code == 200
             short = len(reference.ids("ok"))
             assert r.json()["usage"]["prompt_tokens"] == short + 10
+            cut = r.json()["data"][1]["embedding"]
+            np.testing.assert_allclose(cut, _cut(reference, text, 10), atol=1e-5)
         else:
             assert r.status_code == 413
             error = r.json()["error"]

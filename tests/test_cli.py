@@ -34,61 +34,6 @@ def test_console_script_is_installed() -> None:
     assert out.stdout.startswith("bge-trio ")
 
 
-def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [*bge_trio(), "serve", "--port", "0"],
-        env=env_for(tmp_path, dtype="bf16", BGE_TRIO_MODEL=str(tmp_path / "no-such-model")),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert "does not exist" in lines[0]
-    assert "BGE_TRIO_MODEL" in lines[0]
-    assert "Traceback" not in out.stderr
-
-
-def test_uncached_hub_id_explains_what_to_do(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [*bge_trio(), "serve", "--port", "0"],
-        env=env_for(
-            tmp_path, dtype="bf16", BGE_TRIO_MODEL="BAAI/bge-m3", HF_HOME=str(tmp_path / "hf")
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2
-    assert "not in the local Hugging Face cache" in out.stderr
-    assert "BGE_TRIO_MODEL=bundled" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
-@pytest.mark.parametrize(
-    ("name", "value", "expected"),
-    [
-        ("BGE_TRIO_WORKERS", "0", "expected an integer in [1, 64], or auto"),
-        ("BGE_TRIO_MEMORY_SAFETY", "2", "expected a number in [0.05, 1]"),
-        ("BGE_TRIO_TRUNCATE", "maybe", "expected true or false"),
-        ("BGE_TRIO_PROBE", "sometimes", "expected one of auto, off, force"),
-    ],
-)
-def test_bad_setting_names_variable_and_range(
-    tmp_path: Path, name: str, value: str, expected: str
-) -> None:
-    out = subprocess.run(
-        [*bge_trio(), "serve", "--port", "0"],
-        env=env_for(tmp_path, dtype="bf16", **{name: value}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2
-    assert out.stderr.strip() == f"bge-trio: {name}={value!r}: {expected}"
-
-
 def test_plain_hypercorn_entry_point_reports_bad_settings(tmp_path: Path) -> None:
     out = subprocess.run(
         HYPERCORN,

@@ -62,20 +62,29 @@ async def test_overload_is_429_with_retry_after_and_no_5xx(
 async def test_flood_sheds_load_without_errors(tiny_model_dir: Path, settings_for: Any) -> None:
     settings = settings_for(tiny_model_dir, max_queue_items=16)
     async with running_server(settings) as server:
-        statuses: list[int] = []
+        answers: list[httpx.Response] = []
         text = "the quick brown fox jumps over the lazy dog " * 10
 
         async def client() -> None:
             for _ in range(4):
-                r = await server.client.post("/v1/embeddings", json={"input": [text] * 8})
-                statuses.append(r.status_code)
+                answers.append(
+                    await server.client.post("/v1/embeddings", json={"input": [text] * 8})
+                )
 
         async with trio.open_nursery() as nursery:
             for _ in range(16):
                 nursery.start_soon(client)
+        statuses = [r.status_code for r in answers]
+        assert len(statuses) == 64
         assert set(statuses) <= {200, 429}
         assert 200 in statuses
         assert 429 in statuses
+        for r in answers:
+            if r.status_code == 200:  # answered in full
+                assert len(r.json()["data"]) == 8
+            else:  # refused whole, in the client's shape, with when to come back
+                assert r.json()["error"]["code"] == "queue_full"
+                assert int(r.headers["retry-after"]) >= 1
         assert (await server.client.get("/health")).status_code == 200
         assert server.stats().queued_items == 0
 
@@ -107,7 +116,11 @@ async def test_disconnected_client_texts_are_dropped(
         async with httpx.AsyncClient(base_url=server.url, timeout=0.3) as impatient:
             with pytest.raises(httpx.TimeoutException):
                 await impatient.post("/v1/embeddings", json={"input": ["gone"] * 5})
-        await trio.sleep(0.2)  # the server notices the closed connection
+        with trio.fail_after(10):  # until the server has noticed the closed connection
+            while True:
+                if server.engine.statistics().requests_in_flight == 0:
+                    break
+                await trio.sleep(0.01)
         probe.release.set()
         await wait_ready(server.client)
         r = await server.client.post("/v1/embeddings", json={"input": "marker"})

@@ -36,7 +36,8 @@ def test_meter_sees_a_real_allocation(method: str) -> None:
             time.sleep(0.05)  # give the sampler time to see it
 
     peak = meter.measure(allocate)
-    assert 180 * MIB < peak < 400 * MIB
+    # the block itself, give or take the pages of the interpreter around it
+    assert 196 * MIB < peak < 208 * MIB
 
 
 def test_shapes_separate_the_three_terms_and_include_the_longest_length() -> None:

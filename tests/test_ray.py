@@ -133,40 +133,6 @@ def _ray_command(cluster: str, source: Path, out: Path) -> list[str]:
     ]
 
 
-def test_ray_vectors_equal_the_single_process_job_every_id_once(
-    tmp_path: Path, ray_cluster: str
-) -> None:
-    source = tmp_path / "in.jsonl"
-    _corpus(source, 96)
-    _with_bad_lines(source)
-    done = subprocess.run(
-        _ray_command(ray_cluster, source, tmp_path / "ray"),
-        env=env_for(tmp_path, dtype="fp32", **RAY_ENV),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    on_ray, local = _vectors(tmp_path / "ray"), _local(tmp_path, source)
-    good = [f"d{i}" for i in range(96) if i not in BAD_LINES]
-    assert sorted(on_ray) == sorted(local) == sorted(good)
-    # every bad line is one row with its error, as in the single-process job
-    errors = _errors(tmp_path / "ray")
-    assert len(errors) == 96
-    assert errors == _errors(tmp_path / "local")
-    assert [e for e in errors if e[1] is not None] == sorted(
-        [
-            (None, "no 'id'"),
-            (None, "not a JSON object"),
-            (None, "not valid JSON"),
-            ("d20", "'text' is empty"),
-        ],
-        key=repr,
-    )
-    for key, vector in local.items():
-        np.testing.assert_allclose(on_ray[key], vector, atol=1e-5)
-
-
 def _actor_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -217,7 +183,7 @@ def test_an_actor_killed_midway_still_writes_every_id_once(
     assert sorted(_vectors(tmp_path / "ray")) == sorted(f"d{i}" for i in range(1600))
 
 
-def test_ray_reads_and_writes_s3_as_the_local_job_does(
+def test_ray_on_s3_equals_the_single_process_job_bad_lines_and_all(
     tmp_path: Path, ray_cluster: str, s3_env: dict[str, str]
 ) -> None:
     data = tmp_path / "in.jsonl"
@@ -240,11 +206,28 @@ def test_ray_reads_and_writes_s3_as_the_local_job_does(
         f"part-{i:05d}.parquet" for i in range(3)
     ]
     local = _local(tmp_path, data)
+    # every bad line is one row with its error, as in the single-process job
+    errors = sorted(
+        zip(on_s3.column("id").to_pylist(), on_s3.column("error").to_pylist(), strict=True),
+        key=repr,
+    )
+    assert len(errors) == 48
+    assert errors == _errors(tmp_path / "local")
+    assert [e for e in errors if e[1] is not None] == sorted(
+        [
+            (None, "no 'id'"),
+            (None, "not a JSON object"),
+            (None, "not valid JSON"),
+            ("d20", "'text' is empty"),
+        ],
+        key=repr,
+    )
     table = on_s3.filter(pc.is_null(on_s3.column("error")))
     vectors = dict(
         zip(table.column("id").to_pylist(), table.column("dense").to_pylist(), strict=True)
     )
-    assert sorted(vectors) == sorted(local)
+    good = [f"d{i}" for i in range(48) if i not in BAD_LINES]
+    assert sorted(vectors) == sorted(local) == sorted(good)
     for key, vector in local.items():
         np.testing.assert_allclose(vectors[key], vector, atol=1e-5)
 

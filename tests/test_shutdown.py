@@ -136,10 +136,14 @@ def _hypercorn(*extra: str) -> list[str]:
     return [*HYPERCORN[:-1], "--graceful-timeout", str(GRACEFUL_S), *extra, HYPERCORN[-1]]
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    # The probe seeds the pace that says which requests can finish in the window; its
-    # cache is shared, so it runs once.
-    cache = tmp_path.parent.parent / "shutdown-probe-cache"
+@pytest.fixture(scope="module")
+def probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The probe seeds the pace that says which requests can finish in the window; its
+    cache is shared by this module's servers, so it runs once per test run."""
+    return tmp_path_factory.mktemp("shutdown-probe-cache")
+
+
+def _env(tmp_path: Path, cache: Path) -> dict[str, str]:
     (tmp_path / "metrics").mkdir()
     return env_for(
         tmp_path,
@@ -158,20 +162,22 @@ def _env(tmp_path: Path) -> dict[str, str]:
     ids=["parent-only", "process-group", "worker-only"],
 )
 def test_plain_hypercorn_answers_every_request_on_sigterm(
-    stop: Callable[[Served], None], tmp_path: Path
+    stop: Callable[[Served], None], tmp_path: Path, probe_cache: Path
 ) -> None:
-    with serving(_hypercorn(), _env(tmp_path)) as server:
+    with serving(_hypercorn(), _env(tmp_path, probe_cache)) as server:
         answers, signalled = _stop_under_load(server, stop)
     _assert_every_request_answered(answers, signalled)
 
 
-def test_two_hypercorn_workers_answer_every_request_on_a_group_sigterm(tmp_path: Path) -> None:
-    with serving(_hypercorn("--workers", "2"), _env(tmp_path)) as server:
+def test_two_hypercorn_workers_answer_every_request_on_a_group_sigterm(
+    tmp_path: Path, probe_cache: Path
+) -> None:
+    with serving(_hypercorn("--workers", "2"), _env(tmp_path, probe_cache)) as server:
         answers, signalled = _stop_under_load(server, _whole_group)
     _assert_every_request_answered(answers, signalled)
 
 
-def test_bge_trio_serve_answers_every_request_on_sigterm(tmp_path: Path) -> None:
+def test_bge_trio_serve_answers_every_request_on_sigterm(tmp_path: Path, probe_cache: Path) -> None:
     command = [
         *bge_trio(),
         "serve",
@@ -182,15 +188,17 @@ def test_bge_trio_serve_answers_every_request_on_sigterm(tmp_path: Path) -> None
         "--graceful-timeout",
         str(GRACEFUL_S),
     ]
-    with serving(command, _env(tmp_path)) as server:
+    with serving(command, _env(tmp_path, probe_cache)) as server:
         answers, signalled = _stop_under_load(server, _parent_only)
     _assert_every_request_answered(answers, signalled)
 
 
-def test_bge_trio_serve_with_two_processes_answers_every_request(tmp_path: Path) -> None:
+def test_bge_trio_serve_with_two_processes_answers_every_request(
+    tmp_path: Path, probe_cache: Path
+) -> None:
     command = [*bge_trio(), "serve", "--model", "bundled", "--port", "0", "--processes", "2"]
     command += ["--graceful-timeout", str(GRACEFUL_S)]
-    with serving(command, _env(tmp_path)) as server:
+    with serving(command, _env(tmp_path, probe_cache)) as server:
         answers, signalled = _stop_under_load(server, _parent_only)
     _assert_every_request_answered(answers, signalled)
 
