@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 import trio.lowlevel
+import trio.testing
 
 from bge_trio.config import Settings
 from bge_trio.memory.budget import Budget
@@ -128,10 +131,11 @@ async def test_startup_wait_expires_with_503_and_retry_after(
 
 
 async def test_the_startup_wait_is_one_wait_from_arrival_through_loading_and_probing(
-    tiny_model_dir: Path, settings_for: Any
+    tiny_model_dir: Path, settings_for: Any, mock_clock: trio.testing.MockClock
 ) -> None:
     """A request that waits for the model to load, then at the closed gate, gets its 503
-    one startup wait after it arrived, not one wait for each."""
+    one startup wait after it arrived, not one wait for each. Time is trio's mock clock:
+    it moves only when the test moves it."""
     probe = ControllableProbe()
     loaded = threading.Event()
 
@@ -154,11 +158,27 @@ async def test_the_startup_wait_is_one_wait_from_arrival_through_loading_and_pro
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request)
-            await trio.sleep(0.6 * wait_s)  # still loading: the request waits in ready()
+            await _until_every_task_waits(lambda: server.engine.statistics().requests_in_flight)
+            assert server.engine.statistics().requests_in_flight == 1
+            mock_clock.jump(0.6 * wait_s)  # still loading: the request waits in ready()
             loaded.set()
             await probe.wait_started()  # then probing: it waits at the closed gate
+            mock_clock.jump(0.4 * wait_s)  # one wait after it arrived
+            await _until_every_task_waits(lambda: elapsed)
+            if not elapsed:  # still waiting: let a second wait pass, and fail below
+                mock_clock.jump(wait_s)
         probe.release.set()
-    assert wait_s <= elapsed[0] < 1.4 * wait_s  # twice the wait would be 1.6 s here
+        mock_clock.autojump_threshold = 0  # the server's shutdown runs on this clock too
+    assert elapsed == [wait_s]
+
+
+async def _until_every_task_waits(done: Callable[[], object]) -> None:
+    """Until ``done()`` holds and every task waits (on I/O, a thread or the clock), or 10
+    s of real time pass (the mock clock stands still)."""
+    give_up = time.monotonic() + 10
+    while not done() and time.monotonic() < give_up:
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.to_thread.run_sync(lambda: None)  # let the other threads run
 
 
 async def test_memory_too_small_fails_startup_clearly(
