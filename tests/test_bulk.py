@@ -15,10 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.command import run_here
 from tests.processes import bge_trio, env_for
 from tests.reference import ReferenceM3
-
-pytestmark = pytest.mark.slow  # bge-trio embed processes
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -54,6 +53,7 @@ def _read(directory: Path) -> pa.Table:
     return pq.ParquetDataset(str(directory)).read()
 
 
+@pytest.mark.slow  # a bge-trio embed process
 def test_every_row_once_with_the_reference_vectors_and_bad_rows_named(
     tmp_path: Path, tiny_model_dir: Path, reference: ReferenceM3
 ) -> None:
@@ -97,6 +97,7 @@ def test_every_row_once_with_the_reference_vectors_and_bad_rows_named(
     assert meta["dimension"] == len(expected[0].dense)
 
 
+@pytest.mark.slow  # a bge-trio embed process
 def test_a_killed_run_resumes_without_losing_or_duplicating_rows(tmp_path: Path) -> None:
     _corpus(tmp_path / "in.jsonl", 240, bad=False)
     out, whole = tmp_path / "out", tmp_path / "whole"
@@ -139,6 +140,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(tmp_path: Path)
         np.testing.assert_allclose(g["dense"], w["dense"], atol=1e-6)
 
 
+@pytest.mark.slow  # a bge-trio embed process
 def test_parquet_input_keeps_integer_ids_and_equals_jsonl(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -181,7 +183,13 @@ def test_parquet_input_keeps_integer_ids_and_equals_jsonl(
     ],
 )
 def test_bad_input_is_one_line_naming_the_file_or_option(
-    tmp_path: Path, tiny_model_dir: Path, setup: str, args: list[str], message: str
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    setup: str,
+    args: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "out"
     _corpus(source, 4, bad=False)
@@ -191,12 +199,12 @@ def test_bad_input_is_one_line_naming_the_file_or_option(
     if setup == "not_empty":
         out.mkdir()
         (out / "something").write_text("x")
+    command = ["embed", str(source), str(out), "--model", str(tiny_model_dir)]
+    env = env_for(tmp_path, dtype="fp32")
     if setup == "other_job":
-        first = _embed(tmp_path, str(source), str(out), "--model", str(tiny_model_dir))
-        assert first.returncode == 0, first.stderr
-    done = _embed(tmp_path, str(source), str(out), "--model", str(tiny_model_dir), *args)
-    assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines() if line.startswith("bge-trio embed:")]
-    assert len(lines) == 1, done.stderr
+        assert run_here(command, env, monkeypatch, capsys)[0] == 0
+    code, stderr = run_here([*command, *args], env, monkeypatch, capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("bge-trio embed:")]
+    assert len(lines) == 1, stderr
     assert message in lines[0]
-    assert "Traceback" not in done.stderr

@@ -1,37 +1,24 @@
 """What ``bge-trio`` says when it cannot start: one line naming the setting, exit 2.
 
-``main`` runs in this process (the process boundary itself, the console script and
-plain hypercorn's report, is tested in test_cli.py); its environment is a copy, since
-the command line exports its flags as settings.
+``main`` runs in this process (see tests/command.py); the process boundary itself, the
+console script and plain hypercorn's report, is tested in test_cli.py.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from bge_trio.cli import main
+from tests.command import run_here
 from tests.processes import env_for
-
-
-def _run(
-    argv: list[str],
-    env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> tuple[int, str]:
-    monkeypatch.setattr(os, "environ", dict(env))
-    code = main(argv)
-    return code, capsys.readouterr().err
 
 
 def test_missing_model_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = env_for(tmp_path, dtype="bf16", BGE_TRIO_MODEL=str(tmp_path / "no-such-model"))
-    code, err = _run(["serve", "--port", "0"], env, monkeypatch, capsys)
+    code, err = run_here(["serve", "--port", "0"], env, monkeypatch, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1
@@ -46,7 +33,7 @@ def test_uncached_hub_id_explains_what_to_do(
     env = env_for(
         tmp_path, dtype="bf16", BGE_TRIO_MODEL="BAAI/bge-m3", HF_HOME=str(tmp_path / "hf")
     )
-    code, err = _run(["serve", "--port", "0"], env, monkeypatch, capsys)
+    code, err = run_here(["serve", "--port", "0"], env, monkeypatch, capsys)
     assert code == 2
     assert "not in the local Hugging Face cache" in err
     assert "BGE_TRIO_MODEL=bundled" in err
@@ -70,7 +57,7 @@ def test_bad_setting_names_variable_and_range(
     expected: str,
 ) -> None:
     env = env_for(tmp_path, dtype="bf16", **{name: value})
-    code, err = _run(["serve", "--port", "0"], env, monkeypatch, capsys)
+    code, err = run_here(["serve", "--port", "0"], env, monkeypatch, capsys)
     assert code == 2
     assert err.strip() == f"bge-trio: {name}={value!r}: {expected}"
 
@@ -79,6 +66,6 @@ def test_a_flag_is_checked_as_its_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = env_for(tmp_path, dtype="bf16")
-    code, err = _run(["embed", "in.jsonl", "out", "--workers", "0"], env, monkeypatch, capsys)
+    code, err = run_here(["embed", "in.jsonl", "out", "--workers", "0"], env, monkeypatch, capsys)
     assert code == 2
     assert err.strip() == "bge-trio: BGE_TRIO_WORKERS='0': expected an integer in [1, 64], or auto"

@@ -18,6 +18,7 @@ import pytest
 
 from bge_trio.config import Settings
 from bge_trio.model.source import ModelSource
+from tests.command import run_here
 from tests.processes import bge_trio, env_for
 from tests.s3 import BUCKET, fs, mtime, names, put, read_s3, s3_env
 
@@ -136,27 +137,36 @@ def test_parquet_from_s3_keeps_integer_ids(tmp_path: Path, s3_env: dict[str, str
     ],
 )
 def test_bad_objects_are_one_line_naming_them(
-    tmp_path: Path, s3_env: dict[str, str], setup: str, source: str, target: str, message: str
+    tmp_path: Path,
+    s3_env: dict[str, str],
+    setup: str,
+    source: str,
+    target: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     put(s3_env, "bad/in.jsonl", b'{"id": 1, "body": "a text"}\n')
     put(s3_env, "bad/full/something", b"x")
     out = target if target.startswith("s3://") else f"s3://{BUCKET}/{target}"
-    done = _embed(tmp_path, s3_env, f"s3://{BUCKET}/{source}", out)
-    assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("bge-trio embed:")]
-    assert len(lines) == 1, done.stderr
+    command = ["embed", f"s3://{BUCKET}/{source}", out, "--model", "bundled"]
+    code, stderr = run_here(command, env_for(tmp_path, dtype="fp32", **s3_env), monkeypatch, capsys)
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("bge-trio embed:")]
+    assert len(lines) == 1, stderr
     assert message in lines[0]
-    assert "Traceback" not in done.stderr
 
 
-@pytest.mark.slow
-def test_without_credentials_or_endpoint_the_store_is_named(tmp_path: Path) -> None:
+@pytest.mark.slow  # the S3 client retries a refused endpoint for seconds
+def test_without_credentials_or_endpoint_the_store_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true"}
     env.update({k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-    done = _embed(tmp_path, env, "s3://corpus/in.jsonl", str(tmp_path / "out"))
-    assert done.returncode == 2, done.stderr
-    assert "bge-trio embed: s3://corpus/in.jsonl:" in done.stderr
-    assert "Traceback" not in done.stderr
+    command = ["embed", "s3://corpus/in.jsonl", str(tmp_path / "out"), "--model", "bundled"]
+    code, stderr = run_here(command, env_for(tmp_path, dtype="fp32", **env), monkeypatch, capsys)
+    assert code == 2, stderr
+    assert "bge-trio embed: s3://corpus/in.jsonl:" in stderr
     assert not os.path.exists(tmp_path / "out")
 
 
