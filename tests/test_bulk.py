@@ -97,22 +97,18 @@ def test_every_row_once_with_the_reference_vectors_and_bad_rows_named(
     assert meta["dimension"] == len(expected[0].dense)
 
 
-@pytest.mark.slow  # a bge-trio embed process
-def test_a_killed_run_resumes_without_losing_or_duplicating_rows(tmp_path: Path) -> None:
+@pytest.mark.slow  # a bge-trio embed process, killed
+def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _corpus(tmp_path / "in.jsonl", 240, bad=False)
     out, whole = tmp_path / "out", tmp_path / "whole"
-    command = [
-        *bge_trio(),
-        "embed",
-        str(tmp_path / "in.jsonl"),
-        str(out),
-        "--model",
-        "bundled",
-        "--shard-rows",
-        "10",
-    ]
+    arguments = ["embed", str(tmp_path / "in.jsonl"), str(out), "--model", "bundled"]
+    arguments += ["--shard-rows", "10"]
     env = env_for(tmp_path, dtype="fp32")
-    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        [*bge_trio(), *arguments], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     manifest = out / "_manifest.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -124,15 +120,13 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(tmp_path: Path)
     run.wait()
     parts = len(json.loads(manifest.read_text())["done"])
     assert 3 <= parts < 24  # stopped midway
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
+    # the rerun and an uninterrupted run to compare with: the same command, in this process
+    assert run_here(arguments, env, monkeypatch, capsys)[0] == 0
     done = json.loads(manifest.read_text())["done"]
     assert len(done) == 24
     assert not list(out.glob(".*.partial"))
-    again = _embed(
-        tmp_path, str(tmp_path / "in.jsonl"), str(whole), "--model", "bundled", "--shard-rows", "10"
-    )
-    assert again.returncode == 0, again.stderr
+    whole_run = [*arguments[:2], str(whole), *arguments[3:]]
+    assert run_here(whole_run, env, monkeypatch, capsys)[0] == 0
     got = sorted(_read(out).to_pylist(), key=lambda r: r["id"])
     want = sorted(_read(whole).to_pylist(), key=lambda r: r["id"])
     assert [r["id"] for r in got] == sorted(f"d{i}" for i in range(240))  # each exactly once
@@ -140,28 +134,24 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(tmp_path: Path)
         np.testing.assert_allclose(g["dense"], w["dense"], atol=1e-6)
 
 
-@pytest.mark.slow  # a bge-trio embed process
 def test_parquet_input_keeps_integer_ids_and_equals_jsonl(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     records = _corpus(tmp_path / "in.jsonl", 12, bad=False)
     pq.write_table(
         pa.table({"doc": list(range(12)), "body": [r["text"] for r in records]}),
         tmp_path / "in.parquet",
     )
+    env = env_for(tmp_path, dtype="fp32")
     model = ["--model", str(tiny_model_dir)]
-    assert _embed(tmp_path, str(tmp_path / "in.jsonl"), str(tmp_path / "a"), *model).returncode == 0
-    b = _embed(
-        tmp_path,
-        str(tmp_path / "in.parquet"),
-        str(tmp_path / "b"),
-        *model,
-        "--id-column",
-        "doc",
-        "--text-column",
-        "body",
-    )
-    assert b.returncode == 0, b.stderr
+    jsonl = ["embed", str(tmp_path / "in.jsonl"), str(tmp_path / "a"), *model]
+    assert run_here(jsonl, env, monkeypatch, capsys)[0] == 0
+    parquet = ["embed", str(tmp_path / "in.parquet"), str(tmp_path / "b"), *model]
+    parquet += ["--id-column", "doc", "--text-column", "body"]
+    assert run_here(parquet, env, monkeypatch, capsys)[0] == 0
     from_jsonl, from_parquet = _read(tmp_path / "a"), _read(tmp_path / "b")
     assert from_parquet.schema.field("id").type == pa.int64()
     assert from_parquet.column("id").to_pylist() == list(range(12))
