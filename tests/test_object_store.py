@@ -63,7 +63,10 @@ def _by_id(table: pa.Table) -> dict[Any, Any]:
 
 @pytest.mark.slow
 def test_s3_in_and_out_equals_local_files_and_resumes_there(
-    tmp_path: Path, s3_env: dict[str, str]
+    tmp_path: Path,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = ("\n".join(corpus_lines(40)) + "\n").encode()
     (tmp_path / "in.jsonl").write_bytes(data)
@@ -73,8 +76,9 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
     done = _embed(tmp_path, s3_env, source, target, *shards)
     assert done.returncode == 0, done.stderr
     assert "row 7 (id None) skipped: not valid JSON" in done.stderr
-    local = _embed(tmp_path, s3_env, str(tmp_path / "in.jsonl"), str(tmp_path / "out"), *shards)
-    assert local.returncode == 0, local.stderr
+    env = env_for(tmp_path, dtype="fp32", **s3_env)
+    local = ["embed", str(tmp_path / "in.jsonl"), str(tmp_path / "out"), *shards]
+    assert run_here([*local, "--model", "bundled"], env, monkeypatch, capsys)[0] == 0
     # six parts and the manifest, nothing half-written or temporary
     expected = [f"part-{i:05d}.parquet" for i in range(6)]
     assert names(s3_env, "round/out") == sorted(["_manifest.json", *expected])
@@ -106,20 +110,28 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
     assert rewritten == {"part-00002.parquet"}
     assert set(_by_id(read_s3(s3_env, "round/out"))) == ids
 
-    changed = _embed(tmp_path, s3_env, source, target, "--shard-rows", "5")
-    assert changed.returncode == 2
-    assert "holds another job (its shard_rows differ)" in changed.stderr
+    changed = ["embed", source, target, "--shard-rows", "5", "--model", "bundled"]
+    code, stderr = run_here(changed, env, monkeypatch, capsys)
+    assert code == 2
+    assert "holds another job (its shard_rows differ)" in stderr
 
 
-@pytest.mark.slow
-def test_parquet_from_s3_keeps_integer_ids(tmp_path: Path, s3_env: dict[str, str]) -> None:
+@pytest.mark.slow  # an S3 server
+def test_parquet_from_s3_keeps_integer_ids(
+    tmp_path: Path,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     table = pa.table({"doc": list(range(9)), "body": [f"{TEXTS[i % 4]} {i}" for i in range(9)]})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     source = put(s3_env, "pq/in.parquet", sink.getvalue().to_pybytes())
-    columns = ["--id-column", "doc", "--text-column", "body"]
-    done = _embed(tmp_path, s3_env, source, f"s3://{BUCKET}/pq/out", *columns)
-    assert done.returncode == 0, done.stderr
+    command = ["embed", source, f"s3://{BUCKET}/pq/out", "--model", "bundled"]
+    command += ["--id-column", "doc", "--text-column", "body"]
+    env = env_for(tmp_path, dtype="fp32", **s3_env)
+    code, stderr = run_here(command, env, monkeypatch, capsys)
+    assert code == 0, stderr
     out = read_s3(s3_env, "pq/out")
     assert out.schema.field("id").type == pa.int64()
     assert sorted(out.column("id").to_pylist()) == list(range(9))
