@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -38,3 +38,7 @@ def run_here(
     capsys.readouterr()
     code = main(list(argv))
     return code, capsys.readouterr().err
+
+
+# ``bge_trio_here(argv, env)``: the fixture of that name in conftest.py
+RunHere = Callable[[Sequence[str], Mapping[str, str]], tuple[int, str]]

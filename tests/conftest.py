@@ -30,6 +30,7 @@ from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.scheduler.scheduler import Scheduler, SchedulerStatistics
 from bge_trio.testing import build_tiny_m3, build_tiny_reranker
+from tests.command import RunHere, run_here
 from tests.reference import ReferenceM3, ReferenceReranker
 
 
@@ -171,3 +172,9 @@ def memory_cgroup() -> Iterator[Path]:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+@pytest.fixture
+def bge_trio_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> RunHere:
+    """``bge-trio`` in this process (tests/command.py): ``(exit code, stderr)``."""
+    return partial(run_here, monkeypatch=monkeypatch, capsys=capsys)

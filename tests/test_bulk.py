@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.command import run_here
+from tests.command import RunHere
 from tests.processes import bge_trio, env_for
 from tests.reference import ReferenceM3
 
@@ -99,7 +99,7 @@ def test_every_row_once_with_the_reference_vectors_and_bad_rows_named(
 
 @pytest.mark.slow  # a bge-trio embed process, killed
 def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, bge_trio_here: RunHere
 ) -> None:
     _corpus(tmp_path / "in.jsonl", 240, bad=False)
     out, whole = tmp_path / "out", tmp_path / "whole"
@@ -121,12 +121,12 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
     parts = len(json.loads(manifest.read_text())["done"])
     assert 3 <= parts < 24  # stopped midway
     # the rerun and an uninterrupted run to compare with: the same command, in this process
-    assert run_here(arguments, env, monkeypatch, capsys)[0] == 0
+    assert bge_trio_here(arguments, env)[0] == 0
     done = json.loads(manifest.read_text())["done"]
     assert len(done) == 24
     assert not list(out.glob(".*.partial"))
     whole_run = [*arguments[:2], str(whole), *arguments[3:]]
-    assert run_here(whole_run, env, monkeypatch, capsys)[0] == 0
+    assert bge_trio_here(whole_run, env)[0] == 0
     got = sorted(_read(out).to_pylist(), key=lambda r: r["id"])
     want = sorted(_read(whole).to_pylist(), key=lambda r: r["id"])
     assert [r["id"] for r in got] == sorted(f"d{i}" for i in range(240))  # each exactly once
@@ -137,8 +137,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
 def test_parquet_input_keeps_integer_ids_and_equals_jsonl(
     tmp_path: Path,
     tiny_model_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    bge_trio_here: RunHere,
 ) -> None:
     records = _corpus(tmp_path / "in.jsonl", 12, bad=False)
     pq.write_table(
@@ -148,10 +147,10 @@ def test_parquet_input_keeps_integer_ids_and_equals_jsonl(
     env = env_for(tmp_path, dtype="fp32")
     model = ["--model", str(tiny_model_dir)]
     jsonl = ["embed", str(tmp_path / "in.jsonl"), str(tmp_path / "a"), *model]
-    assert run_here(jsonl, env, monkeypatch, capsys)[0] == 0
+    assert bge_trio_here(jsonl, env)[0] == 0
     parquet = ["embed", str(tmp_path / "in.parquet"), str(tmp_path / "b"), *model]
     parquet += ["--id-column", "doc", "--text-column", "body"]
-    assert run_here(parquet, env, monkeypatch, capsys)[0] == 0
+    assert bge_trio_here(parquet, env)[0] == 0
     from_jsonl, from_parquet = _read(tmp_path / "a"), _read(tmp_path / "b")
     assert from_parquet.schema.field("id").type == pa.int64()
     assert from_parquet.column("id").to_pylist() == list(range(12))
@@ -178,8 +177,7 @@ def test_bad_input_is_one_line_naming_the_file_or_option(
     setup: str,
     args: list[str],
     message: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    bge_trio_here: RunHere,
 ) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "out"
     _corpus(source, 4, bad=False)
@@ -192,8 +190,8 @@ def test_bad_input_is_one_line_naming_the_file_or_option(
     command = ["embed", str(source), str(out), "--model", str(tiny_model_dir)]
     env = env_for(tmp_path, dtype="fp32")
     if setup == "other_job":
-        assert run_here(command, env, monkeypatch, capsys)[0] == 0
-    code, stderr = run_here([*command, *args], env, monkeypatch, capsys)
+        assert bge_trio_here(command, env)[0] == 0
+    code, stderr = bge_trio_here([*command, *args], env)
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.startswith("bge-trio embed:")]
     assert len(lines) == 1, stderr

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.command import run_here
+from tests.command import RunHere
 from tests.processes import env_for
 
 
-def test_missing_model_is_one_clear_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_model_is_one_clear_line(tmp_path: Path, bge_trio_here: RunHere) -> None:
     env = env_for(tmp_path, dtype="bf16", BGE_TRIO_MODEL=str(tmp_path / "no-such-model"))
-    code, err = run_here(["serve", "--port", "0"], env, monkeypatch, capsys)
+    code, err = bge_trio_here(["serve", "--port", "0"], env)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1
@@ -27,13 +25,11 @@ def test_missing_model_is_one_clear_line(
     assert "BGE_TRIO_MODEL" in lines[0]
 
 
-def test_uncached_hub_id_explains_what_to_do(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_uncached_hub_id_explains_what_to_do(tmp_path: Path, bge_trio_here: RunHere) -> None:
     env = env_for(
         tmp_path, dtype="bf16", BGE_TRIO_MODEL="BAAI/bge-m3", HF_HOME=str(tmp_path / "hf")
     )
-    code, err = run_here(["serve", "--port", "0"], env, monkeypatch, capsys)
+    code, err = bge_trio_here(["serve", "--port", "0"], env)
     assert code == 2
     assert "not in the local Hugging Face cache" in err
     assert "BGE_TRIO_MODEL=bundled" in err
@@ -50,22 +46,19 @@ def test_uncached_hub_id_explains_what_to_do(
 )
 def test_bad_setting_names_variable_and_range(
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    bge_trio_here: RunHere,
     name: str,
     value: str,
     expected: str,
 ) -> None:
     env = env_for(tmp_path, dtype="bf16", **{name: value})
-    code, err = run_here(["serve", "--port", "0"], env, monkeypatch, capsys)
+    code, err = bge_trio_here(["serve", "--port", "0"], env)
     assert code == 2
     assert err.strip() == f"bge-trio: {name}={value!r}: {expected}"
 
 
-def test_a_flag_is_checked_as_its_setting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_flag_is_checked_as_its_setting(tmp_path: Path, bge_trio_here: RunHere) -> None:
     env = env_for(tmp_path, dtype="bf16")
-    code, err = run_here(["embed", "in.jsonl", "out", "--workers", "0"], env, monkeypatch, capsys)
+    code, err = bge_trio_here(["embed", "in.jsonl", "out", "--workers", "0"], env)
     assert code == 2
     assert err.strip() == "bge-trio: BGE_TRIO_WORKERS='0': expected an integer in [1, 64], or auto"

@@ -18,7 +18,7 @@ import pytest
 
 from bge_trio.config import Settings
 from bge_trio.model.source import ModelSource
-from tests.command import run_here
+from tests.command import RunHere
 from tests.processes import bge_trio, env_for
 from tests.s3 import BUCKET, fs, mtime, names, put, read_s3, s3_env
 
@@ -65,8 +65,7 @@ def _by_id(table: pa.Table) -> dict[Any, Any]:
 def test_s3_in_and_out_equals_local_files_and_resumes_there(
     tmp_path: Path,
     s3_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    bge_trio_here: RunHere,
 ) -> None:
     data = ("\n".join(corpus_lines(40)) + "\n").encode()
     (tmp_path / "in.jsonl").write_bytes(data)
@@ -78,7 +77,7 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
     assert "row 7 (id None) skipped: not valid JSON" in done.stderr
     env = env_for(tmp_path, dtype="fp32", **s3_env)
     local = ["embed", str(tmp_path / "in.jsonl"), str(tmp_path / "out"), *shards]
-    assert run_here([*local, "--model", "bundled"], env, monkeypatch, capsys)[0] == 0
+    assert bge_trio_here([*local, "--model", "bundled"], env)[0] == 0
     # six parts and the manifest, nothing half-written or temporary
     expected = [f"part-{i:05d}.parquet" for i in range(6)]
     assert names(s3_env, "round/out") == sorted(["_manifest.json", *expected])
@@ -111,7 +110,7 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
     assert set(_by_id(read_s3(s3_env, "round/out"))) == ids
 
     changed = ["embed", source, target, "--shard-rows", "5", "--model", "bundled"]
-    code, stderr = run_here(changed, env, monkeypatch, capsys)
+    code, stderr = bge_trio_here(changed, env)
     assert code == 2
     assert "holds another job (its shard_rows differ)" in stderr
 
@@ -120,8 +119,7 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
 def test_parquet_from_s3_keeps_integer_ids(
     tmp_path: Path,
     s3_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    bge_trio_here: RunHere,
 ) -> None:
     table = pa.table({"doc": list(range(9)), "body": [f"{TEXTS[i % 4]} {i}" for i in range(9)]})
     sink = pa.BufferOutputStream()
@@ -130,7 +128,7 @@ def test_parquet_from_s3_keeps_integer_ids(
     command = ["embed", source, f"s3://{BUCKET}/pq/out", "--model", "bundled"]
     command += ["--id-column", "doc", "--text-column", "body"]
     env = env_for(tmp_path, dtype="fp32", **s3_env)
-    code, stderr = run_here(command, env, monkeypatch, capsys)
+    code, stderr = bge_trio_here(command, env)
     assert code == 0, stderr
     out = read_s3(s3_env, "pq/out")
     assert out.schema.field("id").type == pa.int64()
@@ -155,14 +153,13 @@ def test_bad_objects_are_one_line_naming_them(
     source: str,
     target: str,
     message: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    bge_trio_here: RunHere,
 ) -> None:
     put(s3_env, "bad/in.jsonl", b'{"id": 1, "body": "a text"}\n')
     put(s3_env, "bad/full/something", b"x")
     out = target if target.startswith("s3://") else f"s3://{BUCKET}/{target}"
     command = ["embed", f"s3://{BUCKET}/{source}", out, "--model", "bundled"]
-    code, stderr = run_here(command, env_for(tmp_path, dtype="fp32", **s3_env), monkeypatch, capsys)
+    code, stderr = bge_trio_here(command, env_for(tmp_path, dtype="fp32", **s3_env))
     assert code == 2, stderr
     lines = [line for line in stderr.splitlines() if line.startswith("bge-trio embed:")]
     assert len(lines) == 1, stderr
@@ -171,12 +168,12 @@ def test_bad_objects_are_one_line_naming_them(
 
 @pytest.mark.slow  # the S3 client retries a refused endpoint for seconds
 def test_without_credentials_or_endpoint_the_store_is_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, bge_trio_here: RunHere
 ) -> None:
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true"}
     env.update({k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
     command = ["embed", "s3://corpus/in.jsonl", str(tmp_path / "out"), "--model", "bundled"]
-    code, stderr = run_here(command, env_for(tmp_path, dtype="fp32", **env), monkeypatch, capsys)
+    code, stderr = bge_trio_here(command, env_for(tmp_path, dtype="fp32", **env))
     assert code == 2, stderr
     assert "bge-trio embed: s3://corpus/in.jsonl:" in stderr
     assert not os.path.exists(tmp_path / "out")

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tests.command import RunHere
 from tests.processes import bge_trio, env_for
 from tests.s3 import BUCKET, free_port, names, put, read_s3, s3_env
 
@@ -101,16 +102,12 @@ def _vectors(directory: Path) -> dict[str, np.ndarray]:
     return dict(zip(ids, (np.array(v) for v in table.column("dense").to_pylist()), strict=True))
 
 
-def _local(tmp_path: Path, source: Path) -> dict[str, np.ndarray]:
+def _local(tmp_path: Path, source: Path, here: RunHere) -> dict[str, np.ndarray]:
+    """The single-process job's vectors of ``source`` (the command, run in this process)."""
     out = tmp_path / "local"
-    done = subprocess.run(
-        [*bge_trio(), "embed", str(source), str(out), "--model", "bundled"],
-        env=env_for(tmp_path, dtype="fp32"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
+    argv = ["embed", str(source), str(out), "--model", "bundled"]
+    code, stderr = here(argv, env_for(tmp_path, dtype="fp32"))
+    assert code == 0, stderr
     return _vectors(out)
 
 
@@ -184,7 +181,7 @@ def test_an_actor_killed_midway_still_writes_every_id_once(
 
 
 def test_ray_on_s3_equals_the_single_process_job_bad_lines_and_all(
-    tmp_path: Path, ray_cluster: str, s3_env: dict[str, str]
+    tmp_path: Path, ray_cluster: str, s3_env: dict[str, str], bge_trio_here: RunHere
 ) -> None:
     data = tmp_path / "in.jsonl"
     _corpus(data, 48)  # three parts of 16
@@ -205,7 +202,7 @@ def test_ray_on_s3_equals_the_single_process_job_bad_lines_and_all(
     assert names(s3_env, "ray/out") == ["_manifest.json"] + [
         f"part-{i:05d}.parquet" for i in range(3)
     ]
-    local = _local(tmp_path, data)
+    local = _local(tmp_path, data, bge_trio_here)
     # every bad line is one row with its error, as in the single-process job
     errors = sorted(
         zip(on_s3.column("id").to_pylist(), on_s3.column("error").to_pylist(), strict=True),
@@ -233,7 +230,7 @@ def test_ray_on_s3_equals_the_single_process_job_bad_lines_and_all(
 
 
 def test_a_ray_job_killed_as_a_whole_resumes_every_id_once(
-    tmp_path: Path, ray_cluster: str
+    tmp_path: Path, ray_cluster: str, bge_trio_here: RunHere
 ) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "ray"
     _corpus(source, 480)
@@ -257,7 +254,7 @@ def test_a_ray_job_killed_as_a_whole_resumes_every_id_once(
     assert {name: (out / name).stat().st_mtime_ns for name in recorded} == written
     assert len(json.loads(manifest.read_text())["done"]) == 30
     assert not list(out.glob(".*.partial"))
-    resumed, local = _vectors(out), _local(tmp_path, source)
+    resumed, local = _vectors(out), _local(tmp_path, source, bge_trio_here)
     assert sorted(resumed) == sorted(local) == sorted(f"d{i}" for i in range(480))
     for key, vector in local.items():
         np.testing.assert_allclose(resumed[key], vector, atol=1e-5)
