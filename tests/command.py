@@ -13,10 +13,18 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+import attrs
 import pytest
 
 from bge_trio.cli import _SETTING_FLAGS, main
 from bge_trio.config import PREFIX
+
+
+@attrs.frozen
+class Ran:
+    code: int  # the exit code
+    stderr: str
+    stdout: str
 
 
 def run_here(
@@ -24,7 +32,7 @@ def run_here(
     env: Mapping[str, str],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> tuple[int, str]:
+) -> Ran:
     """``bge-trio ARGV`` with environment ``env`` (a whole environment, as for a process)."""
     for key in [k for k in os.environ if k.startswith(PREFIX)]:
         monkeypatch.delenv(key)
@@ -37,8 +45,9 @@ def run_here(
     monkeypatch.setattr(logging.getLogger("bge_trio"), "_bge_trio_configured", True, raising=False)
     capsys.readouterr()
     code = main(list(argv))
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return Ran(code, captured.err, captured.out)
 
 
 # ``bge_trio_here(argv, env)``: the fixture of that name in conftest.py
-RunHere = Callable[[Sequence[str], Mapping[str, str]], tuple[int, str]]
+RunHere = Callable[[Sequence[str], Mapping[str, str]], Ran]

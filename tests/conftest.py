@@ -176,5 +176,5 @@ def memory_cgroup() -> Iterator[Path]:
 
 @pytest.fixture
 def bge_trio_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> RunHere:
-    """``bge-trio`` in this process (tests/command.py): ``(exit code, stderr)``."""
+    """``bge-trio`` in this process (tests/command.py): its exit code and output."""
     return partial(run_here, monkeypatch=monkeypatch, capsys=capsys)

@@ -121,12 +121,12 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_rows(
     parts = len(json.loads(manifest.read_text())["done"])
     assert 3 <= parts < 24  # stopped midway
     # the rerun and an uninterrupted run to compare with: the same command, in this process
-    assert bge_trio_here(arguments, env)[0] == 0
+    assert bge_trio_here(arguments, env).code == 0
     done = json.loads(manifest.read_text())["done"]
     assert len(done) == 24
     assert not list(out.glob(".*.partial"))
     whole_run = [*arguments[:2], str(whole), *arguments[3:]]
-    assert bge_trio_here(whole_run, env)[0] == 0
+    assert bge_trio_here(whole_run, env).code == 0
     got = sorted(_read(out).to_pylist(), key=lambda r: r["id"])
     want = sorted(_read(whole).to_pylist(), key=lambda r: r["id"])
     assert [r["id"] for r in got] == sorted(f"d{i}" for i in range(240))  # each exactly once
@@ -147,10 +147,10 @@ def test_parquet_input_keeps_integer_ids_and_equals_jsonl(
     env = env_for(tmp_path, dtype="fp32")
     model = ["--model", str(tiny_model_dir)]
     jsonl = ["embed", str(tmp_path / "in.jsonl"), str(tmp_path / "a"), *model]
-    assert bge_trio_here(jsonl, env)[0] == 0
+    assert bge_trio_here(jsonl, env).code == 0
     parquet = ["embed", str(tmp_path / "in.parquet"), str(tmp_path / "b"), *model]
     parquet += ["--id-column", "doc", "--text-column", "body"]
-    assert bge_trio_here(parquet, env)[0] == 0
+    assert bge_trio_here(parquet, env).code == 0
     from_jsonl, from_parquet = _read(tmp_path / "a"), _read(tmp_path / "b")
     assert from_parquet.schema.field("id").type == pa.int64()
     assert from_parquet.column("id").to_pylist() == list(range(12))
@@ -190,9 +190,9 @@ def test_bad_input_is_one_line_naming_the_file_or_option(
     command = ["embed", str(source), str(out), "--model", str(tiny_model_dir)]
     env = env_for(tmp_path, dtype="fp32")
     if setup == "other_job":
-        assert bge_trio_here(command, env)[0] == 0
-    code, stderr = bge_trio_here([*command, *args], env)
-    assert code == 2
-    lines = [line for line in stderr.splitlines() if line.startswith("bge-trio embed:")]
-    assert len(lines) == 1, stderr
+        assert bge_trio_here(command, env).code == 0
+    ran = bge_trio_here([*command, *args], env)
+    assert ran.code == 2
+    lines = [line for line in ran.stderr.splitlines() if line.startswith("bge-trio embed:")]
+    assert len(lines) == 1, ran.stderr
     assert message in lines[0]

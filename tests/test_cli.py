@@ -81,23 +81,6 @@ def test_memory_too_small_exits_3_with_the_numbers(tiny_model_dir: Path, tmp_pat
     assert "BGE_TRIO_MAX_SEQ_LENGTH <=" in out.stderr
 
 
-def test_probe_command_prints_the_fit_and_writes_the_cache(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    out = subprocess.run(
-        [*bge_trio(), "probe", "--model", str(tiny_model_dir), "--max-seq-length", "128"],
-        env=env_for(tmp_path, dtype="bf16"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "status complete" in out.stdout
-    assert re.search(r"fit: a = [\d.]+ bytes/token, b = [\d.]+ bytes/token\^2", out.stdout)
-    assert "measured MiB" in out.stdout
-    assert list((tmp_path / "cache").glob("probe-*.json"))
-
-
 def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
     # a window and a deadline every request fits in on a slow CPU too: what is tested is
     # that accepted work is finished, not which work admission or the window keeps

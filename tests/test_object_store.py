@@ -77,7 +77,7 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
     assert "row 7 (id None) skipped: not valid JSON" in done.stderr
     env = env_for(tmp_path, dtype="fp32", **s3_env)
     local = ["embed", str(tmp_path / "in.jsonl"), str(tmp_path / "out"), *shards]
-    assert bge_trio_here([*local, "--model", "bundled"], env)[0] == 0
+    assert bge_trio_here([*local, "--model", "bundled"], env).code == 0
     # six parts and the manifest, nothing half-written or temporary
     expected = [f"part-{i:05d}.parquet" for i in range(6)]
     assert names(s3_env, "round/out") == sorted(["_manifest.json", *expected])
@@ -110,9 +110,9 @@ def test_s3_in_and_out_equals_local_files_and_resumes_there(
     assert set(_by_id(read_s3(s3_env, "round/out"))) == ids
 
     changed = ["embed", source, target, "--shard-rows", "5", "--model", "bundled"]
-    code, stderr = bge_trio_here(changed, env)
-    assert code == 2
-    assert "holds another job (its shard_rows differ)" in stderr
+    ran = bge_trio_here(changed, env)
+    assert ran.code == 2
+    assert "holds another job (its shard_rows differ)" in ran.stderr
 
 
 @pytest.mark.slow  # an S3 server
@@ -128,8 +128,8 @@ def test_parquet_from_s3_keeps_integer_ids(
     command = ["embed", source, f"s3://{BUCKET}/pq/out", "--model", "bundled"]
     command += ["--id-column", "doc", "--text-column", "body"]
     env = env_for(tmp_path, dtype="fp32", **s3_env)
-    code, stderr = bge_trio_here(command, env)
-    assert code == 0, stderr
+    ran = bge_trio_here(command, env)
+    assert ran.code == 0, ran.stderr
     out = read_s3(s3_env, "pq/out")
     assert out.schema.field("id").type == pa.int64()
     assert sorted(out.column("id").to_pylist()) == list(range(9))
@@ -159,10 +159,10 @@ def test_bad_objects_are_one_line_naming_them(
     put(s3_env, "bad/full/something", b"x")
     out = target if target.startswith("s3://") else f"s3://{BUCKET}/{target}"
     command = ["embed", f"s3://{BUCKET}/{source}", out, "--model", "bundled"]
-    code, stderr = bge_trio_here(command, env_for(tmp_path, dtype="fp32", **s3_env))
-    assert code == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("bge-trio embed:")]
-    assert len(lines) == 1, stderr
+    ran = bge_trio_here(command, env_for(tmp_path, dtype="fp32", **s3_env))
+    assert ran.code == 2, ran.stderr
+    lines = [line for line in ran.stderr.splitlines() if line.startswith("bge-trio embed:")]
+    assert len(lines) == 1, ran.stderr
     assert message in lines[0]
 
 
@@ -173,9 +173,9 @@ def test_without_credentials_or_endpoint_the_store_is_named(
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true"}
     env.update({k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
     command = ["embed", "s3://corpus/in.jsonl", str(tmp_path / "out"), "--model", "bundled"]
-    code, stderr = bge_trio_here(command, env_for(tmp_path, dtype="fp32", **env))
-    assert code == 2, stderr
-    assert "bge-trio embed: s3://corpus/in.jsonl:" in stderr
+    ran = bge_trio_here(command, env_for(tmp_path, dtype="fp32", **env))
+    assert ran.code == 2, ran.stderr
+    assert "bge-trio embed: s3://corpus/in.jsonl:" in ran.stderr
     assert not os.path.exists(tmp_path / "out")
 
 

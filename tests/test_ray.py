@@ -106,8 +106,8 @@ def _local(tmp_path: Path, source: Path, here: RunHere) -> dict[str, np.ndarray]
     """The single-process job's vectors of ``source`` (the command, run in this process)."""
     out = tmp_path / "local"
     argv = ["embed", str(source), str(out), "--model", "bundled"]
-    code, stderr = here(argv, env_for(tmp_path, dtype="fp32"))
-    assert code == 0, stderr
+    ran = here(argv, env_for(tmp_path, dtype="fp32"))
+    assert ran.code == 0, ran.stderr
     return _vectors(out)
 
 

@@ -170,30 +170,6 @@ async def test_a_server_of_one_cross_encoder_refuses_embeddings_by_name(
         assert tokens.status_code == 200
 
 
-def test_a_classifier_with_several_labels_is_refused_at_start(
-    tiny_reranker_dir: Path, tmp_path: Path
-) -> None:
-    import json
-    import shutil
-    import subprocess
-    import sys
-
-    many = tmp_path / "three-labels"
-    shutil.copytree(tiny_reranker_dir, many)
-    config = json.loads((many / "config.json").read_text())
-    config["id2label"] = {"0": "a", "1": "b", "2": "c"}
-    (many / "config.json").write_text(json.dumps(config))
-    out = subprocess.run(
-        [sys.executable, "-m", "bge_trio.cli", "probe", "--model", str(many)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    assert "3 labels" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
 async def test_rerank_request_errors_are_in_the_client_s_shape(
     tiny_reranker_dir: Path, settings_for: SettingsFactory
 ) -> None:
