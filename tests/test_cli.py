@@ -19,16 +19,6 @@ from tests.reference import ReferenceM3, assert_dense_answer
 pytestmark = pytest.mark.slow  # the command line, run as processes
 
 
-def test_serve_answers_and_exits_zero_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
-    command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
-    with serving(command, env_for(tmp_path, dtype="bf16")) as server:
-        r = httpx.post(server.url + "/v1/embeddings", json={"input": ["hello", "world"]})
-        assert r.status_code == 200
-        assert len(r.json()["data"]) == 2
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=60) == 0
-
-
 def test_console_script_is_installed() -> None:
     out = subprocess.run(["bge-trio", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("bge-trio ")
@@ -81,7 +71,9 @@ def test_memory_too_small_exits_3_with_the_numbers(tiny_model_dir: Path, tmp_pat
     assert "BGE_TRIO_MAX_SEQ_LENGTH <=" in out.stderr
 
 
-def test_sigterm_finishes_in_flight_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_serve_finishes_in_flight_requests_on_sigterm_and_exits_zero(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     # a window and a deadline every request fits in on a slow CPU too: what is tested is
     # that accepted work is finished, not which work admission or the window keeps
     # (tests/test_admission.py, tests/test_shutdown.py)

@@ -116,10 +116,11 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
             drift["last_overrun"]["measured_bytes"] > 2 * drift["last_overrun"]["predicted_bytes"]
         )
         # then a burst whose batches the uncorrected model would make ~4x the workspace
+        # (288 texts of 256 tokens queued at once: batches of up to 256, the largest allowed)
         statuses: list[int] = []
 
         def client(seed: int) -> None:
-            texts = np.random.default_rng(seed).integers(1000, 30000, size=(96, 500)).tolist()
+            texts = np.random.default_rng(seed).integers(1000, 30000, size=(72, 500)).tolist()
             with httpx.Client(base_url=url, timeout=600) as http:
                 r = http.post("/v1/embeddings", json={"input": texts})
                 statuses.append(r.status_code)
