@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,6 +195,66 @@ async def test_a_crashed_scheduler_answers_and_reports(
         health = await server.client.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "error"
+
+
+# A server in a process of its own, as in production (create_app exits the process when
+# an engine fails for good), whose scheduler the first request crashes.
+_CRASHING_SERVER = """
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from bge_trio.app import create_app
+from bge_trio.config import Settings
+from bge_trio.scheduler.batching import BatchPolicy
+
+
+class ExplodingPolicy(BatchPolicy):
+    def fits(self, batch, seq):
+        raise RuntimeError("planner bug")
+
+
+async def main():
+    settings = Settings(model=sys.argv[1], cache_dir=Path(sys.argv[2]), probe="off", dtype="fp32")
+    app = create_app(settings)
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    async with trio.open_nursery() as nursery:
+        url = (await nursery.start(serve, app, config))[0]
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            while (await client.get("/health")).status_code != 200:
+                await trio.sleep(0.05)
+            scheduler = app.extensions["bge_trio"].default.scheduler
+            given = scheduler.given_policy
+            scheduler.set_policy(ExplodingPolicy(given.cost, given.workspace_bytes))
+            r = await client.post("/v1/embeddings", json={"input": ["a", "b"]})
+            print(r.status_code, r.json()["error"]["code"], flush=True)
+            await trio.sleep_forever()  # until the app ends the process
+
+
+trio.run(main)
+"""
+
+
+@pytest.mark.slow  # a process that must end
+def test_a_crashed_scheduler_ends_the_process_with_exit_3(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The orchestrator restarts what exits: the queued request is answered 503, then the
+    process exits 3 (docs/operations.md)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASHING_SERVER, str(tiny_model_dir), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.split() == ["503", "server_failed"]
+    assert "planner bug" in done.stderr  # the error is logged
 
 
 async def test_api_key(tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3) -> None:
