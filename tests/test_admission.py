@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import attrs
 import httpx
 import numpy as np
 import pytest
+import trio
 
+from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
+from bge_trio.model.loading import load_encoder
+from bge_trio.model.source import ModelSource
 from tests.conftest import SettingsFactory, running_server
 from tests.processes import bge_trio, env_for, serving
+from tests.test_gate import ControllableProbe
 
 DEADLINE_S = 10.0
 TOKENS = 500  # token ids per text, so every text is exactly this long
@@ -80,3 +88,108 @@ async def test_the_pace_is_known_when_the_server_is_ready_without_a_probe(
         statistics = server.stats()
         assert statistics.pace_curve is not None
         assert statistics.forwarded_items == 0  # known before any request ran
+
+
+@attrs.define
+class HeldPasses:
+    """The real model, whose passes wait for ``release`` once ``engaged`` (so startup's
+    timed passes run freely)."""
+
+    engaged: threading.Event = attrs.field(factory=threading.Event)
+    started: threading.Event = attrs.field(factory=threading.Event)
+    release: threading.Event = attrs.field(factory=threading.Event)
+
+    def load(self, source: ModelSource, **kwargs: Any) -> Encoder:
+        real = load_encoder(source, **kwargs)
+        held = self
+
+        class Held(Encoder):
+            def forward(
+                self,
+                batch: Sequence[Sequence[int]],
+                outputs: frozenset[Output] = frozenset({"dense"}),
+                between_layers: BetweenLayers | None = None,
+            ) -> list[Embedding]:
+                if held.engaged.is_set():
+                    held.started.set()
+                    assert held.release.wait(timeout=60)
+                return super().forward(batch, outputs, between_layers)
+
+        return Held(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
+
+
+def _ids(length: int, seed: int) -> list[int]:
+    """A text of exactly ``length`` token ids of the tiny model (specials included)."""
+    middle = np.random.default_rng(seed).integers(5, 150, size=length - 2).tolist()
+    return [0, *middle, 2]
+
+
+async def test_a_request_that_would_end_past_its_deadline_is_429_over_http(
+    tiny_model_dir: Path, settings_for: SettingsFactory
+) -> None:
+    """One pass running and two texts queued: at the pace (seeded here, 1 ms a token plus
+    attention: about 0.57 s for a 400-token text) a request of one more text ends within
+    75 % of the 2.4 s deadline and is queued; one of two more would end past it: 429 with
+    Retry-After, in the client's shape, before any of it runs."""
+    passes = HeldPasses()
+    settings = settings_for(tiny_model_dir, workers=1, request_timeout_s=2.4)
+    async with running_server(settings, load_encoder=passes.load) as server:
+        server.scheduler.seed_pace(
+            (b, s, 0.01 + b * s * (0.001 + 1e-6 * s)) for b, s in [(1, 40), (4, 100), (1, 800)] * 4
+        )
+        passes.engaged.set()
+        answers: list[httpx.Response] = []
+
+        async def embed(*texts: list[int]) -> None:
+            answers.append(await server.client.post("/v1/embeddings", json={"input": list(texts)}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(embed, _ids(400, 0))
+            await trio.to_thread.run_sync(passes.started.wait, 30)  # running, held
+            for seed in (1, 2):
+                nursery.start_soon(embed, _ids(400, seed))
+            with trio.fail_after(30):
+                while server.stats().queued_items < 2:  # noqa: ASYNC110 - a counter
+                    await trio.sleep(0.01)
+            late = await server.client.post(
+                "/v1/embeddings", json={"input": [_ids(400, 3), _ids(400, 4)]}
+            )
+            assert server.stats().queued_items == 2  # refused whole, nothing queued
+            passes.release.set()
+        assert late.status_code == 429
+        assert late.json()["error"]["code"] == "queue_full"
+        assert "would finish in about" in late.json()["error"]["message"]
+        assert int(late.headers["retry-after"]) >= 1
+        assert [r.status_code for r in answers] == [200, 200, 200]
+
+
+async def test_past_the_queue_s_token_bound_a_request_is_429_over_http(
+    tiny_model_dir: Path, settings_for: SettingsFactory
+) -> None:
+    """``BGE_TRIO_MAX_QUEUE_TOKENS``: texts that would take the queue past it are refused
+    whole; texts that bring it exactly to it are queued."""
+    probe = ControllableProbe()  # the gate stays closed: texts wait in the queue
+    settings = settings_for(tiny_model_dir, max_queue_tokens=50, startup_wait_s=60)
+    async with running_server(settings, ready=False, planner=probe) as server:
+        await probe.wait_started()
+        answers: list[httpx.Response] = []
+
+        async def embed(*texts: list[int]) -> None:
+            answers.append(await server.client.post("/v1/embeddings", json={"input": list(texts)}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(embed, _ids(20, 0), _ids(20, 1))
+            with trio.fail_after(30):
+                while server.stats().queued_tokens < 40:  # noqa: ASYNC110 - a counter
+                    await trio.sleep(0.01)
+            over = await server.client.post("/v1/embeddings", json={"input": [_ids(11, 2)]})
+            nursery.start_soon(embed, _ids(10, 3))  # 50 tokens: exactly the bound
+            with trio.fail_after(30):
+                while server.stats().queued_tokens < 50:  # noqa: ASYNC110 - a counter
+                    await trio.sleep(0.01)
+            probe.release.set()
+        assert over.status_code == 429
+        assert over.json()["error"]["code"] == "queue_full"
+        assert int(over.headers["retry-after"]) >= 1
+        assert sorted(r.status_code for r in answers) == [200, 200]
+        assert sorted(len(r.json()["data"]) for r in answers) == [1, 2]
