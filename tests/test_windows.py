@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bge_trio.memory.cost import CostModel
 from bge_trio.model.windows import split
+from bge_trio.scheduler.batching import BatchPolicy
 from tests.conftest import running_server
 from tests.reference import ReferenceM3
 
@@ -116,6 +118,28 @@ async def test_chunked_input_matches_the_reference_on_the_same_windows(
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "context_length_exceeded"
     assert "'long_input'" in refused.json()["error"]["message"]
+
+
+async def test_chunks_are_as_long_as_the_memory_budget_allows(
+    tiny_model_dir: Path, settings_for: Any, reference: ReferenceM3
+) -> None:
+    """Where the budget allows fewer tokens in one pass than the model, the windows are
+    that long (and overlap by at most half of one): each window is a pass that fits."""
+    async with running_server(settings_for(tiny_model_dir)) as server:
+        # a workspace of 12 bytes at 1 byte per token: no pass of more than 12 tokens
+        server.scheduler.set_policy(BatchPolicy(CostModel(1.0, 0.0), 12.0))
+        ids = reference.ids(LONG)
+        body = {"input": [LONG], "long_input": "chunk"}
+        r = await server.client.post("/v1/embeddings", json=body)
+    assert r.status_code == 200, r.text
+    windows = _manual_windows(ids, 12, 5)  # overlap: at most (12 - 2) // 2 tokens
+    assert max(len(w) for w in windows) == 12
+    outs = reference.encode_ids(windows)
+    counts = np.array([len(w) for w in windows], dtype=np.float64)
+    dense = sum(c * o.dense for c, o in zip(counts, outs, strict=True)) / counts.sum()
+    expected = dense / np.linalg.norm(dense)
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], expected, atol=2e-5)
+    assert r.json()["usage"]["prompt_tokens"] == counts.sum()
 
 
 async def test_unknown_long_input_policy_is_a_400_naming_the_choices(
