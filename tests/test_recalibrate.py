@@ -10,8 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bge_trio.memory.recalibrate import Recalibrator
+from bge_trio.model.source import ModelSource
+from tests.conftest import SettingsFactory, running_server
 from tests.processes import bge_trio, env_for, serving
 
 
@@ -174,3 +178,74 @@ def test_a_bf16_server_measures_its_passes_and_corrects_a_cost_model_too_small(
     assert drift["correction"] > 10
     overrun = drift["last_overrun"]
     assert overrun["measured_bytes"] > 10 * overrun["predicted_bytes"]
+
+
+def _tokens(texts: int, length: int, seed: int) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(1000, 30000, size=(texts, length)).tolist()
+
+
+def _correction_gauge(text: str) -> float:
+    (value,) = (
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "bge_trio_cost_correction"
+    )
+    return value
+
+
+async def test_a_confirmed_correction_is_kept_and_the_next_start_begins_corrected(
+    bundled_source: ModelSource, settings_for: SettingsFactory, tmp_path: Path
+) -> None:
+    """Outside any cgroup, in one process: a probed model cached, then cut so that only its
+    per-pass constant is left; served passes below 5 % of the workspace are not measured,
+    larger ones are, and the second that peaks above its prediction confirms the
+    correction (the gauge says it); it is kept in the probe cache, and the next start
+    plans with the corrected model from its first pass."""
+    settings = settings_for(
+        bundled_source.path,
+        probe="auto",
+        memory_limit_bytes=2 << 30,
+        workers=1,  # every pass runs alone, so every one is measured
+        express_tokens=0,  # no express lane: every pass is a regular one
+        max_batch_tokens=1 << 20,  # each request one pass
+    )
+    async with running_server(settings):
+        pass  # probed, and cached
+    cached = _cache_file(settings.cache_dir)
+    data = json.loads(cached.read_text())
+    data["a"], data["b"] = data["a"] / 1e4, data["b"] / 1e4  # c alone: far too small
+    cached.write_text(json.dumps(data))
+
+    async with running_server(settings) as server:
+        assert (await server.client.get("/health")).json()["probe_status"] == "cache_hit"
+        workspace = server.scheduler.given_policy.workspace_bytes
+        tiny = await server.client.post("/v1/embeddings", json={"input": _tokens(1, 8, 0)})
+        assert tiny.status_code == 200
+        drift = (await server.client.get("/info")).json()["memory"]["drift"]
+        assert drift["passes_measured"] == 0  # under 5 % of the workspace: not measured
+        for texts, seed in ((16, 1), (64, 2)):  # about 4,000 tokens, then four times as many
+            r = await server.client.post(
+                "/v1/embeddings", json={"input": _tokens(texts, 250, seed)}
+            )
+            assert r.status_code == 200
+        drift = (await server.client.get("/info")).json()["memory"]["drift"]
+        assert drift["passes_measured"] == 2
+        assert drift["passes_over_prediction"] == 2
+        assert drift["confirmed"]
+        correction = drift["correction"]
+        assert correction > 10
+        metrics = (await server.client.get("/metrics")).text
+        assert _correction_gauge(metrics) == pytest.approx(correction, rel=1e-3)
+        assert workspace > 0
+        with trio.fail_after(30):  # the engine writes the confirmed model off the event loop
+            while json.loads(cached.read_text())["method"] != "recalibrated":  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    kept = json.loads(cached.read_text())
+    assert kept["c"] == pytest.approx(data["c"] * correction, rel=1e-3)
+
+    async with running_server(settings) as server:
+        health = (await server.client.get("/health")).json()
+        assert health["probe_status"] == "cache_hit"
+        assert health["cost_c_bytes_per_pass"] == pytest.approx(kept["c"], rel=1e-6)
+        assert health["cost_a_bytes_per_token"] == pytest.approx(kept["a"], rel=1e-6)
