@@ -7,9 +7,8 @@ most ``cap`` padded tokens, through ``Encoder.forward`` on one thread with every
 core (no HTTP, no queue), for each cap in ``--caps`` and for both values of
 ``BGE_TRIO_ALLOCATOR``. glibc's mmap threshold cannot be unset once fixed, so each
 allocator runs in a process of its own. Each configuration runs ``--repeats``
-times; the table gives the median and the range. Writes ``docs/batching.json``
-and the generated ``docs/batching-table.md``, and puts the same table into
-``docs/performance.md`` between its markers.
+times; the table gives the median and the range. Writes ``docs/results/batching.json``
+and generates its table into ``docs/performance.md`` between its markers.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import load_result, save_result, write_block
 
 ALLOCATORS = ("predictable", "fast")
 
@@ -75,7 +74,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tables_only:
-        write_tables(json.loads((DOCS / "batching.json").read_text()))
+        write_tables(load_result("batching"))
         return
     if args.allocator:  # the child: one allocator
         print(json.dumps(measure(args.model, args.allocator, args.caps, args.repeats)))
@@ -102,15 +101,14 @@ def main() -> None:
         "caps": args.caps,
         "tokens_per_s": measured,
     }
-    (DOCS / "batching.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_result("batching", result)
     write_tables(result)
     print(table(result))
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """The table file, and the same table in the document that shows it."""
-    (DOCS / "batching-table.md").write_text(table(report))
-    write_block(DOCS / "performance.md", "batching-table", table(report))
+    """The table, in the document that shows it."""
+    write_block("performance.md", "batching-table", table(report))
 
 
 if __name__ == "__main__":

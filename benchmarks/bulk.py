@@ -16,7 +16,7 @@ it):
 
 Then a sample of the corpus through the single-process job on the full-size BGE-M3
 stand-in (random weights; ``max_seq`` 512 so its probe is short). Writes
-``docs/bulk.json`` and ``docs/bulk-table.md``.
+``docs/results/bulk.json`` and its table into ``docs/scale-out.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import trio
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import load_result, save_result, write_block
 from benchmarks.load import CORPUS, Server, cpu_name, drive, load_corpus
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.loading import bf16_supported
@@ -83,7 +83,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tables_only:
-        write_tables(json.loads((DOCS / "bulk.json").read_text()))
+        write_tables(load_result("bulk"))
         return
     work = Path(tempfile.mkdtemp(prefix="bge-trio-bulk-"))
     # fp32, as the server below and as the table says (auto would serve bf16 where native)
@@ -147,7 +147,7 @@ def main() -> None:
         },
         "standin_single_process": standin,
     }
-    (DOCS / "bulk.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_result("bulk", report)
     write_tables(report)
     print(table(report))
 
@@ -195,9 +195,8 @@ def _native(setup: dict[str, Any]) -> str:
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """The table file, and the same table in the document that shows it."""
-    (DOCS / "bulk-table.md").write_text(table(report))
-    write_block(DOCS / "scale-out.md", "bulk-table", table(report))
+    """The table, in the document that shows it."""
+    write_block("scale-out.md", "bulk-table", table(report))
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ back through the decoder docs/api.md gives clients; float32 is the truth.
   /v1/embeddings with all outputs built and serialised exactly as the route does,
   per encoding (timed, median of 3).
 
-Writes ``docs/compact.json`` and ``docs/compact-table.md``, and puts the same
-tables into ``docs/performance.md`` between its markers.
+Writes ``docs/results/compact.json`` and generates its tables into ``docs/performance.md``
+between its markers.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -38,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import DOCS, load_result, save_result, write_block
 from benchmarks.load import load_corpus
 from bge_trio.api.encoding import encode_matrix, encode_vector
 from bge_trio.api.schemas import EncodingFormat
@@ -224,7 +223,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tables_only:
-        write_tables(json.loads((DOCS / "compact.json").read_text()))
+        write_tables(load_result("compact"))
         return
     prepare_process("predictable")
     corpus = load_corpus()
@@ -242,15 +241,14 @@ def main() -> None:
     }
     if args.full_m3:
         result["document"] = document_size(args.document_tokens)
-    (DOCS / "compact.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_result("compact", result)
     write_tables(result)
     print(table(result))
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """The table file, and the same table in the document that shows it."""
-    (DOCS / "compact-table.md").write_text(table(report))
-    write_block(DOCS / "performance.md", "compact-table", table(report))
+    """The table, in the document that shows it."""
+    write_block("performance.md", "compact-table", table(report))
 
 
 if __name__ == "__main__":

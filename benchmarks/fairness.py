@@ -12,9 +12,10 @@ real ``bge-trio serve`` with default settings (the request deadline raised so th
 3. mixed: documents of ``--doc-tokens`` token ids sent back to back by one client,
    and short queries at 2 per second from another, for ``--mixed-s`` seconds.
 
-Writes ``docs/fairness.json``, the generated ``docs/fairness-table.md`` and
-``docs/fairness.png`` (query latency over time, with the documents' passes shaded);
-``--from-json`` rewrites the table and plot from an earlier run's JSON.
+Writes ``docs/results/fairness.json`` and ``docs/results/fairness.png`` (query latency
+over time, with the documents' passes shaded), and generates its table into
+``docs/performance.md``; ``--from-json`` rewrites the table and plot from an earlier
+run's JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import httpx
 import numpy as np
 import trio
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import result_path, write_block
 from benchmarks.load import Server
 from benchmarks.m3 import MODELS
 from bge_trio.cgroups import cpu_count
@@ -172,12 +173,12 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=20.0)
     parser.add_argument("--mixed-s", type=float, default=300.0)
     parser.add_argument("--deadline-s", type=float, default=600.0)
-    parser.add_argument("--out", default=str(DOCS / "fairness.json"))
+    parser.add_argument("--out", default=str(result_path("fairness")))
     parser.add_argument("--from-json", action="store_true", help="only redraw from --out")
     args = parser.parse_args()
     if args.from_json:
         result = json.loads(Path(args.out).read_text())
-        write_table(result, Path(args.out).with_name("fairness-table.md"))
+        write_table(result)
         _plot(result, Path(args.out).with_suffix(".png"))
         return
     model = standin(args.layers)
@@ -204,7 +205,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    write_table(result, Path(args.out).with_name("fairness-table.md"))
+    write_table(result)
     _plot(result, Path(args.out).with_suffix(".png"))
     m, i = result["mixed"], result["idle"]
     print(
@@ -215,10 +216,9 @@ def main() -> None:
     )
 
 
-def write_table(result: dict[str, Any], path: Path) -> None:
-    """The table file, and the same table in docs/performance.md."""
-    path.write_text(table(result))
-    write_block(DOCS / "performance.md", "fairness-table", table(result))
+def write_table(result: dict[str, Any]) -> None:
+    """The table, in docs/performance.md."""
+    write_block("performance.md", "fairness-table", table(result))
 
 
 def table(result: dict[str, Any]) -> str:

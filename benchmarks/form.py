@@ -23,7 +23,7 @@ allocations, which one part must not pay for another), fp32, predictable allocat
   shapes leave resident with the libraries' kernel caches as they come and as every
   bge-trio process bounds them.
 
-Writes ``docs/memory-form.json``, ``docs/memory-form-table.md`` and the same tables into
+Writes ``docs/results/memory-form.json`` and generates its tables into
 ``docs/memory-model.md`` between its ``memory-form-table`` markers.
 """
 
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import load_result, result_path, save_result, write_block
 from benchmarks.m3 import standin
 from bge_trio.cgroups import cpu_count
 from bge_trio.memory.cost import Point, fit_cost_model
@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    path = DOCS / "memory-form.json"
+    path = result_path("memory-form")
     if args.part:
         allocator = args.part.removeprefix("allocator-")
         prepare_process(allocator if allocator in ("predictable", "fast") else "predictable")
@@ -333,14 +333,13 @@ def main() -> None:
         for name in args.parts.split(","):
             print(name, flush=True)
             report[name] = run_part(name)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-    write_tables(json.loads(path.read_text()))
+        save_result("memory-form", report)
+    write_tables(load_result("memory-form"))
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """docs/memory-form-table.md, and the same tables in docs/memory-model.md."""
-    (DOCS / "memory-form-table.md").write_text(table(report))
-    write_block(DOCS / "memory-model.md", "memory-form-table", table(report))
+    """The tables, in docs/memory-model.md."""
+    write_block("memory-model.md", "memory-form-table", table(report))
 
 
 def table(report: dict[str, Any]) -> str:

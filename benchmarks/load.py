@@ -8,9 +8,9 @@ records throughput and latency. The ideal is the same corpus through the same
 model in this process: length-sorted, in batches of at most 1024 padded tokens,
 with the same threads, measured before and after the server's run. Then the dtype
 variants (throughput and quality against fp32) and the thread arrangements (one
-pass on all cores against one pass per core). Writes docs/performance.json,
-docs/performance-table.md (also into docs/performance.md) and docs/performance.png;
-``--tables-only`` rewrites the tables from the JSON.
+pass on all cores against one pass per core). Writes docs/results/performance.json and
+docs/results/performance.png, and its table into docs/performance.md; ``--tables-only``
+rewrites the table from the JSON.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import trio
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import load_result, result_path, save_result, write_block
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.loading import bf16_supported, load_encoder
@@ -267,7 +267,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tables_only:
-        write_tables(json.loads((DOCS / "performance.json").read_text()))
+        write_tables(load_result("performance"))
         return
     dtypes = args.dtypes.split(",")
 
@@ -340,17 +340,15 @@ def main() -> None:
         )
     report["m3_heads_quality"] = m3_heads_quality(dtypes)
     report["workers"] = compare_workers(args.model, texts, args.seconds)
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "performance.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_result("performance", report)
     write_tables(report)
     plot(report)
     print(table(report))
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """docs/performance-table.md, and the same table in docs/performance.md."""
-    (DOCS / "performance-table.md").write_text(table(report))
-    write_block(DOCS / "performance.md", "performance-table", table(report))
+    """The table, in docs/performance.md."""
+    write_block("performance.md", "performance-table", table(report))
 
 
 def compare_workers(model: str, texts: list[str], seconds: float) -> list[dict[str, Any]]:
@@ -525,7 +523,7 @@ def plot(report: dict[str, Any]) -> None:
     right.set_yscale("log")
     fig.suptitle(f"{report['model']} on {report['machine']['cores']} cores", fontsize=10)
     fig.tight_layout()
-    fig.savefig(DOCS / "performance.png", dpi=110)
+    fig.savefig(result_path("performance", ".png"), dpi=110)
 
 
 if __name__ == "__main__":

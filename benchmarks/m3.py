@@ -20,7 +20,8 @@ and measures, per dtype:
 - the cost of measuring every served pass (the high-water-mark reset and read).
 
 The same held-out measurement runs on the bundled all-MiniLM-L6-v2. Writes
-``docs/memory-m3.json`` and ``docs/memory-m3.png``.
+``docs/results/memory-m3.json`` and ``docs/results/memory-m3.png``, and its tables into
+``docs/memory-model.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import load_result, result_path, save_result, write_block
 from benchmarks.load import Server, cpu_name
 from bge_trio.cgroups import cpu_count
 from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
@@ -280,7 +281,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tables_only:
-        write_tables(json.loads((DOCS / "memory-m3.json").read_text()))
+        write_tables(load_result("memory-m3"))
         return
     model = standin()
     report: dict[str, Any] = {
@@ -326,19 +327,16 @@ def main() -> None:
             report["minilm"][dtype] = {**served, "summary": summarise(served["held_out"])}
             print(json.dumps(report["minilm"][dtype]["summary"]), flush=True)
     if args.update:
-        report = _merged(json.loads((DOCS / "memory-m3.json").read_text()), report)
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "memory-m3.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = _merged(load_result("memory-m3"), report)
+    save_result("memory-m3", report)
     write_tables(report)
-    plot(report, DOCS / "memory-m3.png")
+    plot(report, result_path("memory-m3", ".png"))
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """docs/memory-m3-table.md, and the same tables in docs/memory-model.md between its
-    markers."""
+    """The tables, in docs/memory-model.md between its markers."""
     text = table(report)
-    (DOCS / "memory-m3-table.md").write_text(text)
-    write_block(DOCS / "memory-model.md", "memory-m3-table", text)
+    write_block("memory-model.md", "memory-m3-table", text)
 
 
 def table(report: dict[str, Any]) -> str:

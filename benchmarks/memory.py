@@ -2,14 +2,13 @@
 
     python -m benchmarks.memory [--model bundled] [--max-seq 512]
 
-Prints a report, writes ``docs/memory-model.json`` (the numbers) and
-``docs/memory-model.png`` (measured vs predicted peak memory).
+Prints a report, writes ``docs/results/memory-model.json`` (the numbers) and
+``docs/results/memory-model.png`` (measured vs predicted peak memory).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -21,6 +20,7 @@ import attrs
 import numpy as np
 import torch
 
+from benchmarks.docs import result_path, save_result
 from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
 from bge_trio.engine import prepare
@@ -34,7 +34,6 @@ from bge_trio.process import prepare_process
 from bge_trio.scheduler.batching import BatchPolicy, plan_batch
 
 MIB = 1 << 20
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def held_out_shapes(max_seq: int) -> list[tuple[int, int]]:
@@ -141,9 +140,8 @@ def main() -> None:
         "utilisation": utilisation,
     }
     print_report(report)
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "memory-model.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, DOCS / "memory-model.png")
+    save_result("memory-model", report)
+    plot(report, result_path("memory-model", ".png"))
 
 
 def batch_utilisation(

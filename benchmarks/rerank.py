@@ -15,8 +15,7 @@ slow machine finishes; it is reported):
 3. the rerank again while a client embeds ``--long-tokens``-token documents back to
    back: does the rerank starve behind them?
 
-Writes ``docs/rerank.json`` and the generated ``docs/rerank-table.md`` (also shown in
-docs/performance.md).
+Writes ``docs/results/rerank.json`` and its table into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import numpy as np
 import trio
 from tokenizers import Tokenizer
 
-from benchmarks.docs import DOCS, write_block
+from benchmarks.docs import result_path, write_block
 from benchmarks.fairness import QUERY, queries, standin
 from benchmarks.load import Server, cpu_name
 from benchmarks.m3 import MODELS
@@ -200,7 +199,7 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=2048)
     parser.add_argument("--idle-queries", type=int, default=10)
     parser.add_argument("--deadline-s", type=float, default=900.0)
-    parser.add_argument("--out", default=str(DOCS / "rerank.json"))
+    parser.add_argument("--out", default=str(result_path("rerank")))
     parser.add_argument("--from-json", action="store_true", help="only rewrite the table")
     args = parser.parse_args()
     if args.from_json:
@@ -237,8 +236,7 @@ def main() -> None:
 
 def write_table(result: dict[str, Any]) -> None:
     text = table(result)
-    (DOCS / "rerank-table.md").write_text(text)
-    write_block(DOCS / "performance.md", "rerank-table", text)
+    write_block("performance.md", "rerank-table", text)
 
 
 def table(result: dict[str, Any]) -> str:

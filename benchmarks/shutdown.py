@@ -12,14 +12,13 @@ finish on a small machine) are all in the server's hands, then SIGTERM goes
 
 For each: how many requests were answered 200, 503 (``shutting_down``, with
 ``Retry-After``), or not at all; when the answers came after the signal; the exit
-status and how long the process took to exit. Writes ``docs/shutdown.json`` and the
-generated ``docs/shutdown-table.md``.
+status and how long the process took to exit. Writes ``docs/results/shutdown.json`` and its
+table into ``docs/operations.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -35,9 +34,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.docs import load_result, save_result, write_block
 from bge_trio.cgroups import cpu_count
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 TEXT = "the quick brown fox jumps over the lazy dog and keeps running far away " * 22
 
 
@@ -168,7 +167,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.tables_only:
-        write_tables(json.loads((DOCS / "shutdown.json").read_text()))
+        write_tables(load_result("shutdown"))
         return
     cache = Path(tempfile.mkdtemp(prefix="bge-trio-probe-"))
     runs = [scenario(how, args, cache) for how in ("parent", "group")]
@@ -184,14 +183,14 @@ def main() -> None:
         },
         "runs": runs,
     }
-    (DOCS / "shutdown.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_result("shutdown", result)
     write_tables(result)
     print(table(result))
 
 
 def write_tables(report: dict[str, Any]) -> None:
-    """The table file (operations.md links to it)."""
-    (DOCS / "shutdown-table.md").write_text(table(report))
+    """The table, in docs/operations.md."""
+    write_block("operations.md", "shutdown-table", table(report))
 
 
 if __name__ == "__main__":
