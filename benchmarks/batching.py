@@ -28,7 +28,8 @@ ALLOCATORS = ("predictable", "fast")
 
 def measure(model: str, allocator: str, caps: list[int], repeats: int) -> dict[str, list[float]]:
     """Runs in a process of its own: tokens/s per cap, ``repeats`` runs each."""
-    from benchmarks.load import ideal, load_corpus
+    from benchmarks.harness import load_corpus
+    from benchmarks.load import ideal
     from bge_trio.cgroups import cpu_count
     from bge_trio.model.loading import load_encoder
     from bge_trio.model.source import resolve_model
@@ -80,7 +81,7 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.allocator, args.caps, args.repeats)))
         return
 
-    from benchmarks.load import load_corpus
+    from benchmarks.harness import load_corpus
     from bge_trio.cgroups import cpu_count
 
     measured = {}

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import trio
 
 from benchmarks.docs import load_result, save_result, write_block
-from benchmarks.load import CORPUS, Server, cpu_name, drive, load_corpus
+from benchmarks.harness import CORPUS, Server, cpu_name, drive, load_corpus
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.loading import bf16_supported
 from bge_trio.testing import build_full_m3

@@ -38,7 +38,7 @@ import numpy.typing as npt
 import orjson
 
 from benchmarks.docs import DOCS, load_result, save_result, write_block
-from benchmarks.load import load_corpus
+from benchmarks.harness import load_corpus
 from bge_trio.api.encoding import encode_matrix, encode_vector
 from bge_trio.api.schemas import EncodingFormat
 from bge_trio.cgroups import cpu_count

@@ -35,7 +35,7 @@ import numpy as np
 import trio
 
 from benchmarks.docs import result_path, write_block
-from benchmarks.load import Server
+from benchmarks.harness import Server
 from benchmarks.m3 import MODELS
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.loading import bf16_supported

@@ -16,13 +16,7 @@ rewrites the table from the JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import re
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,113 +29,15 @@ import torch
 import trio
 
 from benchmarks.docs import load_result, result_path, save_result, write_block
+from benchmarks.harness import Server, cpu_name, drive, load_corpus
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.loading import bf16_supported, load_encoder
 from bge_trio.model.source import resolve_model
 from bge_trio.process import prepare_process
 
-CORPUS = Path(__file__).with_name("corpus.jsonl")
 CONCURRENCY = (1, 4, 16, 64)
 SHAPES = (1, 32)
-
-
-def load_corpus() -> list[dict[str, str]]:
-    return [json.loads(line) for line in CORPUS.read_text().splitlines()]
-
-
-class Server:
-    """A real ``bge-trio serve`` process on a free loopback port."""
-
-    def __init__(self, model: str, dtype: str, cache_dir: Path, **settings: str) -> None:
-        # the caller's BGE_TRIO_* variables apply (e.g. to compare settings), ours on top
-        env = dict(os.environ)
-        env.update(
-            {
-                "BGE_TRIO_CACHE_DIR": str(cache_dir),
-                "BGE_TRIO_DTYPE": dtype,
-                "BGE_TRIO_MAX_QUEUE_ITEMS": "100000",
-                "BGE_TRIO_LOG_LEVEL": "WARNING",
-                **{f"BGE_TRIO_{k.upper()}": v for k, v in settings.items()},
-            }
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bge_trio.cli", "serve", "--model", model, "--port", "0"],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            match = re.search(r"Running on (http://\S+)", line)
-            if match:
-                self.url = match.group(1)
-                break
-        else:
-            raise RuntimeError("server did not start")
-        deadline = time.monotonic() + 300
-        while httpx.get(self.url + "/health").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("server never became ready")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
-
-
-async def drive(
-    url: str, texts: list[str], concurrency: int, per_request: int, seconds: float
-) -> dict[str, Any]:
-    """Closed-loop load: each client sends its next request as soon as one returns."""
-    latencies: list[float] = []
-    counts = {"texts": 0, "tokens": 0, "shed": 0, "errors": 0}
-    cursor = 0
-    end = trio.current_time() + seconds
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal cursor
-        while trio.current_time() < end:
-            batch = [texts[(cursor + i) % len(texts)] for i in range(per_request)]
-            cursor += per_request
-            started = time.perf_counter()
-            r = await http.post(
-                "/v1/embeddings", json={"input": batch, "encoding_format": "base64"}
-            )
-            if r.status_code == 429:  # shed: back off briefly, as a client should
-                counts["shed"] += 1
-                await trio.sleep(float(r.headers.get("retry-after", "1")) / 10)
-                continue
-            latencies.append(time.perf_counter() - started)
-            if r.status_code != 200:
-                counts["errors"] += 1
-                continue
-            counts["texts"] += per_request
-            counts["tokens"] += r.json()["usage"]["prompt_tokens"]
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    started = trio.current_time()
-    async with (
-        httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http,
-        trio.open_nursery() as nursery,
-    ):
-        for _ in range(concurrency):
-            nursery.start_soon(client, http)
-    elapsed = trio.current_time() - started
-    lat = np.array(latencies) * 1000
-    return {
-        "concurrency": concurrency,
-        "texts_per_request": per_request,
-        "seconds": elapsed,
-        "requests": len(latencies),
-        "shed_429": counts["shed"],
-        "errors": counts["errors"],
-        "texts_per_s": counts["texts"] / elapsed,
-        "tokens_per_s": counts["tokens"] / elapsed,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p95_ms": float(np.percentile(lat, 95)),
-        "p99_ms": float(np.percentile(lat, 99)),
-    }
 
 
 def averaged(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -394,13 +290,6 @@ def m3_heads_quality(dtypes: list[str]) -> dict[str, Any]:
             for d in dtypes
             if d != "fp32"
         }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def _row(r: dict[str, Any]) -> str:

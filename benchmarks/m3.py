@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from benchmarks.docs import load_result, result_path, save_result, write_block
-from benchmarks.load import Server, cpu_name
+from benchmarks.harness import Server, cpu_name
 from bge_trio.cgroups import cpu_count
 from bge_trio.memory.plan import PROBE_LAYERS, synthetic_forward
 from bge_trio.memory.probe import PeakMeter

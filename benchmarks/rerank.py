@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 
 from benchmarks.docs import result_path, write_block
 from benchmarks.fairness import QUERY, queries, standin
-from benchmarks.load import Server, cpu_name
+from benchmarks.harness import Server, cpu_name
 from benchmarks.m3 import MODELS
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.loading import bf16_supported

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.docs import load_result, save_result, write_block
 from bge_trio.cgroups import cpu_count
+from bge_trio.testing.processes import HYPERCORN, start
 
 TEXT = "the quick brown fox jumps over the lazy dog and keeps running far away " * 22
 
@@ -49,30 +48,9 @@ def _start(graceful: int, cache: Path) -> tuple[subprocess.Popen[str], str]:
         BGE_TRIO_LOG_LEVEL="WARNING",
         PROMETHEUS_MULTIPROC_DIR=metrics,
     )
-    command = [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
-    command += ["--graceful-timeout", str(graceful), "--bind", "127.0.0.1:0", "bge_trio.asgi:app"]
-    process = subprocess.Popen(
-        command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        found = re.search(r"Running on (http://\S+)", line)
-        if found:
-            # keep reading so the server never blocks on a full pipe
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            url = found.group(1)
-            break
-    else:
-        raise RuntimeError("the server did not start")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server never became ready")
+    command = [*HYPERCORN[:-1], "--graceful-timeout", str(graceful), HYPERCORN[-1]]
+    served = start(command, env, ready_s=300)
+    return served.process, served.url
 
 
 def _in_flight(url: str) -> float:

@@ -24,8 +24,8 @@ import trio
 from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
+from bge_trio.testing.processes import bge_trio, env_for, serving
 from tests.conftest import SettingsFactory, running_server
-from tests.processes import bge_trio, env_for, serving
 from tests.test_gate import ControllableProbe
 
 DEADLINE_S = 10.0

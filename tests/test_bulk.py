@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bge_trio.testing.processes import bge_trio, env_for
 from tests.command import RunHere
-from tests.processes import bge_trio, env_for
 from tests.reference import ReferenceM3
 
 TEXTS = [

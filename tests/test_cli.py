@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import HYPERCORN, bge_trio, env_for, serving
+from bge_trio.testing.processes import HYPERCORN, bge_trio, env_for, serving
+from tests.command import RunHere
 from tests.reference import ReferenceM3, assert_dense_answer
 
 pytestmark = pytest.mark.slow  # the command line, run as processes
@@ -182,19 +183,16 @@ def _wait_all_healthy(client: httpx.Client) -> bool:
     return False
 
 
-def test_probe_serve_and_embed_run_one_startup_and_plan_alike(tmp_path: Path) -> None:
+def test_probe_serve_and_embed_run_one_startup_and_plan_alike(
+    tmp_path: Path, bge_trio_here: RunHere
+) -> None:
     """``bge-trio probe`` writes the probe cache; a server and ``bge-trio embed`` with the
     same settings run the same startup sequence, find that entry and plan with the cost
-    model the probe printed."""
+    model the probe printed. The probe and the job run in this process, the server as a
+    process of its own."""
     env = env_for(tmp_path, dtype="fp32", BGE_TRIO_PROBE="auto", BGE_TRIO_MAX_SEQ_LENGTH="128")
-    probed = subprocess.run(
-        [*bge_trio(), "probe", "--model", "bundled"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert probed.returncode == 0, probed.stderr
+    probed = bge_trio_here(["probe", "--model", "bundled"], env)
+    assert probed.code == 0, probed.stderr
     fit = re.search(
         r"fit: a = ([\d.]+) bytes/token, b = ([\d.]+) bytes/token\^2, c = (\d+) bytes/pass",
         probed.stdout,
@@ -210,14 +208,10 @@ def test_probe_serve_and_embed_run_one_startup_and_plan_alike(tmp_path: Path) ->
     assert health["probe_status"] == "cache_hit"
     corpus = tmp_path / "in.jsonl"
     corpus.write_text('{"id": 1, "text": "a cat"}\n')
-    embedded = subprocess.run(
-        [*bge_trio(), "embed", str(corpus), str(tmp_path / "out"), "--model", "bundled"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    embedded = bge_trio_here(
+        ["embed", str(corpus), str(tmp_path / "out"), "--model", "bundled"], env
     )
-    assert embedded.returncode == 0, embedded.stderr
+    assert embedded.code == 0, embedded.stderr
     memory = json.loads((tmp_path / "out" / "_manifest.json").read_text())["memory"]
     assert memory["probe_status"] == "cache_hit"
     planned = [

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bge_trio.testing.processes import env_for
 from tests.command import RunHere
-from tests.processes import env_for
 
 
 def test_missing_model_is_one_clear_line(tmp_path: Path, bge_trio_here: RunHere) -> None:

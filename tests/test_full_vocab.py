@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from bge_trio.testing import build_full_m3
+from bge_trio.testing.processes import bge_trio, env_for, serving
 from bge_trio.testing.tiny_m3 import M3_HIDDEN_SIZE, M3_VOCAB_SIZE
-from tests.processes import bge_trio, env_for, serving
 
 pytestmark = pytest.mark.slow  # a server process over a 1 GB stand-in
 

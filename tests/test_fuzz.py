@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import bge_trio, env_for, serving
+from bge_trio.testing.processes import bge_trio, env_for, serving
 
 pytestmark = pytest.mark.slow  # a server process and schemathesis
 

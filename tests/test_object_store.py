@@ -18,8 +18,8 @@ import pytest
 
 from bge_trio.config import Settings
 from bge_trio.model.source import ModelSource
+from bge_trio.testing.processes import bge_trio, env_for
 from tests.command import RunHere
-from tests.processes import bge_trio, env_for
 from tests.s3 import BUCKET, fs, mtime, names, put, read_s3, s3_env
 
 __all__ = ["s3_env"]  # the fixture

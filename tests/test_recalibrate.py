@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bge_trio.memory.recalibrate import Recalibrator
 from bge_trio.model.source import ModelSource
+from bge_trio.testing.processes import bge_trio, env_for, serving
 from tests.conftest import SettingsFactory, running_server
-from tests.processes import bge_trio, env_for, serving
 
 
 def test_a_pass_above_its_prediction_raises_the_correction_by_its_ratio() -> None:
@@ -181,15 +181,17 @@ def test_a_bf16_server_measures_its_passes_and_corrects_a_cost_model_too_small(
 
 
 def _tokens(texts: int, length: int, seed: int) -> list[list[int]]:
-    return np.random.default_rng(seed).integers(1000, 30000, size=(texts, length)).tolist()
+    rng = np.random.default_rng(seed)
+    ids: list[list[int]] = rng.integers(1000, 30000, size=(texts, length)).tolist()
+    return ids
 
 
-def _correction_gauge(text: str) -> float:
+def _correction_gauge(text: str, model: str) -> float:
     (value,) = (
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "bge_trio_cost_correction"
+        if sample.name == "bge_trio_cost_correction" and sample.labels["model"] == model
     )
     return value
 
@@ -236,7 +238,8 @@ async def test_a_confirmed_correction_is_kept_and_the_next_start_begins_correcte
         correction = drift["correction"]
         assert correction > 10
         metrics = (await server.client.get("/metrics")).text
-        assert _correction_gauge(metrics) == pytest.approx(correction, rel=1e-3)
+        gauge = _correction_gauge(metrics, server.engine.statistics().name)
+        assert gauge == pytest.approx(correction, rel=1e-3)
         assert workspace > 0
         with trio.fail_after(30):  # the engine writes the confirmed model off the event loop
             while json.loads(cached.read_text())["method"] != "recalibrated":  # noqa: ASYNC110

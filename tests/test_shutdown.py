@@ -21,8 +21,8 @@ import httpx
 import pytest
 import trio
 
+from bge_trio.testing.processes import HYPERCORN, Served, bge_trio, env_for, serving
 from tests.conftest import Server, running_server
-from tests.processes import HYPERCORN, Served, bge_trio, env_for, serving
 from tests.test_gate import ControllableProbe
 
 pytestmark = pytest.mark.slow  # server processes, signalled

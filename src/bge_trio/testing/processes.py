@@ -1,4 +1,9 @@
-"""Servers as real processes: started from their command line, stopped by signal."""
+"""Servers as real processes: started from their command line, stopped by signal.
+
+One launcher for the tests and the benchmarks: the server's URL comes from hypercorn's
+"Running on" line, its log is drained on a thread after it (a server whose stderr pipe
+fills up blocks), and it is ready when /health answers 200.
+"""
 
 from __future__ import annotations
 
@@ -44,10 +49,10 @@ def bge_trio() -> list[str]:
     return [sys.executable, "-m", "bge_trio.cli"]
 
 
-def wait_for_url(process: subprocess.Popen[str], lines: list[str]) -> str:
+def wait_for_url(process: subprocess.Popen[str], lines: list[str], within_s: float = 120) -> str:
     """The server's URL from its startup log; every stderr line is kept in ``lines``."""
     assert process.stderr is not None
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         if not line:
@@ -61,8 +66,8 @@ def wait_for_url(process: subprocess.Popen[str], lines: list[str]) -> str:
     raise AssertionError("no 'Running on' line")
 
 
-def wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + 120
+def wait_healthy(url: str, within_s: float = 120) -> None:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/health").status_code == 200:
@@ -80,26 +85,44 @@ class Served:
     stderr: list[str]  # the server's log so far (it keeps growing)
 
 
-@contextlib.contextmanager
-def serving(command: list[str], env: dict[str, str]) -> Iterator[Served]:
-    """Start a server process and wait until it is healthy; stop it if the test leaves it up.
-
-    SIGTERM first: hypercorn's parent process passes it to its worker processes, which a
-    kill would leave behind.
-    """
+def start(command: list[str], env: dict[str, str], ready_s: float = 120) -> Served:
+    """Start a server process (in a session of its own, so a signal can reach its whole
+    group) and wait until it is healthy."""
     process = subprocess.Popen(
         command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     lines: list[str] = []
     try:
-        url = wait_for_url(process, lines)
-        wait_healthy(url)
-        yield Served(process, url, lines)
+        url = wait_for_url(process, lines, ready_s)
+        wait_healthy(url, ready_s)
+    except BaseException:
+        stop(Served(process, "", lines))
+        raise
+    return Served(process, url, lines)
+
+
+def stop(served: Served, timeout: float = 30) -> int | None:
+    """SIGTERM, then a kill if it has not exited within ``timeout``; its exit status.
+
+    SIGTERM first: hypercorn's parent process passes it to its worker processes, which a
+    kill would leave behind.
+    """
+    process = served.process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@contextlib.contextmanager
+def serving(command: list[str], env: dict[str, str]) -> Iterator[Served]:
+    """A healthy server process for the block; stopped after it if still up."""
+    served = start(command, env)
+    try:
+        yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(served)
