@@ -6,16 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pytest
-import torch
 
-from bge_trio.memory.allocator import configure_allocator
 from bge_trio.memory.cost import CONSERVATIVE
 from bge_trio.memory.plan import synthetic_forward
-from bge_trio.memory.probe import PeakMeter, _warm_up_shape, probe_shapes, run_probe
+from bge_trio.memory.probe import PeakMeter, ProbeRun, _warm_up_shape, probe_shapes, run_probe
 from bge_trio.model.encoder import Encoder
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
@@ -71,15 +68,17 @@ def test_shapes_respect_the_budget() -> None:
     assert all(CONSERVATIVE.predict(b, s) <= budget for b, s in shapes)
 
 
-def _probe(encoder: Encoder) -> None:
+def _probe(encoder: Encoder) -> ProbeRun:
     shapes = probe_shapes(encoder.info.max_seq_length, 1 << 40)
     run = run_probe(synthetic_forward(encoder), shapes)
     assert [(p.batch, p.seq) for p in run.points] == shapes
-    # the fit covers every measured shape and stays close to it
+    # the fit is raised to cover every measured shape (the budget errs on the safe side)
+    # and stays close to them
     for point in run.points:
         predicted = run.fit.model.predict(point.batch, point.seq)
         assert point.peak_bytes <= predicted * (1 + 1e-9)
     assert run.fit.max_relative_error < 0.5
+    return run
 
 
 def test_real_probe_on_the_tiny_model(tiny_encoder: Encoder) -> None:
@@ -87,37 +86,58 @@ def test_real_probe_on_the_tiny_model(tiny_encoder: Encoder) -> None:
 
 
 def test_real_probe_on_minilm(bundled_source: ModelSource) -> None:
+    """Shapes the probe did not run are predicted in test_the_probe_predicts_held_out_passes,
+    in a fresh process: in this long-lived one the heap's state moves peaks by tens of
+    percent."""
     encoder = load_encoder(bundled_source, max_seq_length=128, dtype="fp32", threads=2)
     _probe(encoder)
 
 
-def _layers(encoder: Encoder) -> torch.nn.ModuleList:
-    return cast(torch.nn.ModuleList, encoder.model.get_submodule("encoder.layer"))
+# Runs in a fresh process, as the probe does: in a long-lived test process the heap's
+# state moves a pass's peak by more than the difference this guards.
+_LAYERS_SCRIPT = """
+import json
+from bge_trio.memory.plan import synthetic_forward
+from bge_trio.memory.probe import PeakMeter
+from bge_trio.model.loading import load_encoder
+from bge_trio.model.source import resolve_model
+from bge_trio.process import prepare_process
+
+prepare_process("predictable")  # as the server runs: peaks that repeat
+encoder = load_encoder(resolve_model("bundled"), dtype="fp32", threads=2)
+# as the server does: memory-mapped weight pages the kernel reclaims and a pass faults
+# back in would count in one peak and not the other
+encoder.make_weights_resident()
+layers = encoder.model.get_submodule("encoder.layer")
+forward, meter = synthetic_forward(encoder), PeakMeter()
 
 
-def test_a_two_layer_pass_peaks_where_the_full_depth_does(bundled_source: ModelSource) -> None:
-    configure_allocator("predictable")  # as the server runs: peaks that repeat
-    encoder = load_encoder(bundled_source, dtype="fp32", threads=2)
-    # as the server does: memory-mapped weight pages the kernel reclaims and a pass faults
-    # back in would count in one peak and not the other
-    encoder.make_weights_resident()
-    layers = _layers(encoder)
-    forward = synthetic_forward(encoder)
-    meter = PeakMeter()
+def steady_peak():
+    forward(16, 256)  # one-off allocations of a new shape are not the layers' cost
+    return min(meter.measure(lambda: forward(16, 256)) for _ in range(3))
 
-    def steady_peak() -> int:
-        forward(16, 256)  # one-off allocations of a new shape are not the layers' cost
-        return min(meter.measure(lambda: forward(16, 256)) for _ in range(3))
 
-    full = steady_peak()
-    with encoder.shallow(2) as depth:
-        assert depth == 2
-        assert len(_layers(encoder)) == 2
-        shallow = steady_peak()
-    assert _layers(encoder) is layers  # restored
-    # in a long-lived test process the heap adds a few percent of noise; the benchmark
-    # (benchmarks/m3.py) compares the two at full size in a fresh process
-    assert shallow == pytest.approx(full, rel=0.1)
+peaks = {"full": steady_peak()}
+for depth in (2, 1):
+    with encoder.shallow(depth) as ran:
+        assert ran == depth == len(encoder.model.get_submodule("encoder.layer"))
+        peaks[depth] = steady_peak()
+assert encoder.model.get_submodule("encoder.layer") is layers  # restored
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.slow
+def test_a_two_layer_pass_peaks_where_the_full_depth_does() -> None:
+    """all-MiniLM-L6-v2's six layers and the probe's two peak alike (within 0.2 % when
+    measured); one layer peaks 9 % lower, so one layer would not do."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LAYERS_SCRIPT], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert peaks["2"] == pytest.approx(peaks["full"], rel=0.02)
+    assert peaks["1"] < 0.95 * peaks["full"]
 
 
 def test_a_model_without_more_layers_than_asked_runs_whole(tiny_encoder: Encoder) -> None:
