@@ -9,6 +9,7 @@ or a request that is too slow even alone with a 413, at once.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -193,3 +194,31 @@ async def test_past_the_queue_s_token_bound_a_request_is_429_over_http(
         assert int(over.headers["retry-after"]) >= 1
         assert sorted(r.status_code for r in answers) == [200, 200]
         assert sorted(len(r.json()["data"]) for r in answers) == [1, 2]
+
+
+async def test_the_probe_s_timed_passes_are_the_first_pace(
+    tiny_model_dir: Path, settings_for: SettingsFactory
+) -> None:
+    """With one worker, the pace admission judges the first request by is the probe's
+    own timed passes (kept in the probe cache with its cost model): passes recorded
+    10,000 times slower than they ran make a long text too slow for the deadline at
+    once, before any pass of it runs."""
+    settings = settings_for(tiny_model_dir, probe="auto", workers=1, request_timeout_s=5.0)
+    async with running_server(settings):
+        pass  # probed and cached, with the probe's pass times
+    (cached,) = settings.cache_dir.glob("probe-*.json")
+    data = json.loads(cached.read_text())
+    assert len({(b, s) for b, s, _ in data["pass_seconds"]}) >= 3
+    data["pass_seconds"] = [[b, s, t * 1e4] for b, s, t in data["pass_seconds"]]
+    cached.write_text(json.dumps(data))
+    async with running_server(settings) as server:
+        assert server.stats().forwarded_items == 0
+        slow = server.scheduler.predict_seconds(1, 400)
+        assert slow is not None
+        assert slow > 5.0  # the recorded pace, not a measured one
+        r = await server.client.post("/v1/embeddings", json={"input": [_ids(400, 0)]})
+        assert r.status_code == 413
+        error = r.json()["error"]
+        assert error["code"] == "input_too_slow_for_deadline"
+        assert "would take about" in error["message"]
+        assert server.stats().forwarded_items == 0  # refused before it ran
