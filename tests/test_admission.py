@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 import httpx
@@ -22,11 +21,9 @@ import numpy as np
 import pytest
 import trio
 
-from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
-from bge_trio.model.loading import load_encoder
-from bge_trio.model.source import ModelSource
 from bge_trio.testing.processes import bge_trio, env_for, serving
 from tests.conftest import SettingsFactory, running_server
+from tests.encoders import loader_with
 from tests.test_gate import ControllableProbe
 
 DEADLINE_S = 10.0
@@ -100,23 +97,10 @@ class HeldPasses:
     started: threading.Event = attrs.field(factory=threading.Event)
     release: threading.Event = attrs.field(factory=threading.Event)
 
-    def load(self, source: ModelSource, **kwargs: Any) -> Encoder:
-        real = load_encoder(source, **kwargs)
-        held = self
-
-        class Held(Encoder):
-            def forward(
-                self,
-                batch: Sequence[Sequence[int]],
-                outputs: frozenset[Output] = frozenset({"dense"}),
-                between_layers: BetweenLayers | None = None,
-            ) -> list[Embedding]:
-                if held.engaged.is_set():
-                    held.started.set()
-                    assert held.release.wait(timeout=60)
-                return super().forward(batch, outputs, between_layers)
-
-        return Held(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
+    def hold(self, batch: Sequence[Sequence[int]]) -> None:
+        if self.engaged.is_set():
+            self.started.set()
+            assert self.release.wait(timeout=60)
 
 
 def _ids(length: int, seed: int) -> list[int]:
@@ -134,7 +118,7 @@ async def test_a_request_that_would_end_past_its_deadline_is_429_over_http(
     Retry-After, in the client's shape, before any of it runs."""
     passes = HeldPasses()
     settings = settings_for(tiny_model_dir, workers=1, request_timeout_s=2.4)
-    async with running_server(settings, load_encoder=passes.load) as server:
+    async with running_server(settings, load_encoder=loader_with(passes.hold)) as server:
         server.scheduler.seed_pace(
             (b, s, 0.01 + b * s * (0.001 + 1e-6 * s)) for b, s in [(1, 40), (4, 100), (1, 800)] * 4
         )

@@ -16,11 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from bge_trio.model.encoder import BetweenLayers, Embedding, Encoder, Output
-from bge_trio.model.loading import load_encoder
-from bge_trio.model.source import ModelSource
 from bge_trio.scheduler.batching import BatchPolicy
 from tests.conftest import Server, running_server, wait_ready
+from tests.encoders import loader_with
 from tests.reference import ReferenceM3, assert_dense_answer
 from tests.test_gate import ControllableProbe
 
@@ -130,23 +128,13 @@ async def test_disconnected_client_texts_are_dropped(
         assert server.stats().forwarded_items == 1
 
 
-class FaultyEncoder(Encoder):
+def _explode_on_marker(batch: Sequence[Sequence[int]]) -> None:
     """The real tiny model, except that its forward pass raises on a marked token."""
-
-    def forward(
-        self,
-        batch: Sequence[Sequence[int]],
-        outputs: frozenset[Output] = frozenset({"dense"}),
-        between_layers: BetweenLayers | None = None,
-    ) -> list[Embedding]:
-        if any(MARKER in ids for ids in batch):
-            raise RuntimeError("/secret/path tensor of shape (3, 7) exploded")
-        return super().forward(batch, outputs, between_layers)
+    if any(MARKER in ids for ids in batch):
+        raise RuntimeError("/secret/path tensor of shape (3, 7) exploded")
 
 
-def load_faulty(source: ModelSource, **kwargs: Any) -> Encoder:
-    real = load_encoder(source, **kwargs)
-    return FaultyEncoder(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
+load_faulty = loader_with(_explode_on_marker)
 
 
 async def test_faults_fail_their_batch_flip_health_and_recover(
@@ -438,21 +426,10 @@ async def test_all_torch_work_runs_on_the_forward_thread(
     """One OpenMP team per worker: loading, probing and serving share the forward thread."""
     threads: list[str] = []
 
-    class RecordingEncoder(Encoder):
-        def forward(
-            self,
-            batch: Sequence[Sequence[int]],
-            outputs: frozenset[Output] = frozenset({"dense"}),
-            between_layers: BetweenLayers | None = None,
-        ) -> list[Embedding]:
-            threads.append(threading.current_thread().name)
-            return super().forward(batch, outputs, between_layers)
-
-    def load(source: ModelSource, **kwargs: Any) -> Encoder:
+    def record(*_: object) -> None:
         threads.append(threading.current_thread().name)
-        real = load_encoder(source, **kwargs)
-        return RecordingEncoder(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
 
+    load = loader_with(record, on_load=record)
     settings = settings_for(tiny_model_dir, probe="auto")
     async with running_server(settings, load_encoder=load) as server:
         r = await server.client.post("/v1/embeddings", json={"input": "hello"})
