@@ -1,10 +1,12 @@
-"""``bge-trio`` run in this process: its exit code and what it wrote on stderr.
+"""``bge-trio`` run in this process: its exit code and what it wrote.
 
-For the command line's refusals (a bad setting, input or store: one line, exit 2), which
-end before any serving or embedding starts: the same ``main`` as the console script,
-without a process of its own. The environment is set for real (pyarrow's S3 client
-reads it through the C library, not ``os.environ``) and restored afterwards, flags the
-command exports as settings included.
+The same ``main`` as the console script, without a process of its own: for the command
+line's refusals (a bad setting, input or store: one line, exit 2), ``bge-trio probe``'s
+report, and bulk jobs that other tests compare with. Signals, exit codes set by the
+server and hypercorn's own behaviour still need a process (tests/test_cli.py). The
+environment is set for real (pyarrow's S3 client reads it through the C library, not
+``os.environ``) and restored afterwards, with the settings the command exports from its
+flags.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 import pytest
 
-from bge_trio.cli import _SETTING_FLAGS, main
+from bge_trio.cli import main
 from bge_trio.config import PREFIX
 
 
@@ -36,15 +38,18 @@ def run_here(
     """``bge-trio ARGV`` with environment ``env`` (a whole environment, as for a process)."""
     for key in [k for k in os.environ if k.startswith(PREFIX)]:
         monkeypatch.delenv(key)
-    for suffix in _SETTING_FLAGS.values():  # exported by main: restored too
-        monkeypatch.delenv(PREFIX + suffix, raising=False)
     for key, value in env.items():
         if os.environ.get(key) != value:
             monkeypatch.setenv(key, value)
     # the command's log handler would outlive this test's captured stderr
     monkeypatch.setattr(logging.getLogger("bge_trio"), "_bge_trio_configured", True, raising=False)
     capsys.readouterr()
-    code = main(list(argv))
+    before = set(os.environ)
+    try:
+        code = main(list(argv))
+    finally:  # what main exported from its flags (the rest monkeypatch restores)
+        for key in set(os.environ) - before:
+            del os.environ[key]
     captured = capsys.readouterr()
     return Ran(code, captured.err, captured.out)
 
