@@ -90,11 +90,12 @@ def bench(session: nox.Session) -> None:
     ``form`` (what decided the cost model's form, the weight copy and the probe's shapes,
     on the stand-in and MiniLM, in-process) about five; ``rerank`` (a cross-encoder beside
     BGE-M3 in one server, full-size stand-ins: a rerank of 100 documents alone, beside short
-    queries, beside long documents) about twelve.
+    queries, beside long documents) about twelve; ``backends`` (torch against OpenVINO
+    through the server, on the stand-in and MiniLM) about fifteen.
     Options after
     the names go to each of them: ``nox -s bench -- load --seconds 6``.
     """
-    _install(session, "test,bench")
+    _install(session, "test,bench,openvino")
     args = list(session.posargs)
     split = next((i for i, arg in enumerate(args) if arg.startswith("-")), len(args))
     for name in args[:split] or ["memory", "load"]:

@@ -104,6 +104,7 @@ def _padded(encoder: Encoder, batch: int, seq: int) -> tuple[torch.Tensor, torch
 
 
 def _model_only(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor | None) -> object:
+    assert encoder.model is not None
     with torch.inference_mode():
         return encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
 

@@ -50,7 +50,7 @@ class Server:
 
 
 async def drive(
-    url: str, texts: list[str], concurrency: int, per_request: int, seconds: float
+    url: str, texts: list[str] | list[list[int]], concurrency: int, per_request: int, seconds: float
 ) -> dict[str, Any]:
     """Closed-loop load: each client sends its next request as soon as one returns."""
     latencies: list[float] = []

@@ -28,10 +28,19 @@ def loader_with(before_pass: BeforePass, on_load: Callable[[], None] = lambda: N
                 batch: Sequence[Sequence[int]],
                 outputs: frozenset[Output] = frozenset({"dense"}),
                 between_layers: BetweenLayers | None = None,
+                express: bool = False,
             ) -> list[Embedding]:
                 before_pass(batch)
-                return super().forward(batch, outputs, between_layers)
+                return super().forward(batch, outputs, between_layers, express)
 
-        return Watched(real.tokenizer, real.model, real.info, real._sparse, real._colbert)
+        return Watched(
+            real.tokenizer,
+            real.model,
+            real.info,
+            real.sparse_linear,
+            real.colbert_linear,
+            compiled=real.compiled,
+            config=real.config,
+        )
 
     return load

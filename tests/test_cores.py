@@ -38,13 +38,14 @@ class SharedLog:
             batch: Sequence[Sequence[int]],
             outputs: frozenset[Output],
             between_layers: BetweenLayers | None = None,
+            express: bool = False,
         ) -> list[Embedding]:
             with self._lock:
                 self.running += 1
                 self.most = max(self.most, self.running)
                 self.order.append(name)
             try:
-                return self.encoder.forward(batch, outputs, between_layers)
+                return self.encoder.forward(batch, outputs, between_layers, express)
             finally:
                 with self._lock:
                     self.running -= 1

@@ -26,6 +26,7 @@ GENERATED: dict[str, tuple[str, str, str]] = {
     "memory-m3-table": ("memory-model.md", "memory-m3", "m3"),
     "bulk-table": ("scale-out.md", "bulk", "bulk"),
     "rerank-table": ("performance.md", "rerank", "rerank"),
+    "backends-table": ("performance.md", "backends", "backends"),
     "shutdown-table": ("operations.md", "shutdown", "shutdown"),
 }
 

@@ -51,6 +51,7 @@ def test_bf16_runs_bf16_weights_and_answers_in_float32(tiny_model_dir: Path) -> 
     reference = load_encoder(source, dtype="fp32", threads=2)
     variant = load_encoder(source, dtype="bf16", threads=2)
     assert variant.info.dtype == "bf16"
+    assert variant.model is not None
     assert {p.dtype for p in variant.model.parameters()} == {torch.bfloat16}
     ids = reference.tokenize(TEXTS)
     outputs = reference.info.outputs

@@ -58,6 +58,7 @@ class LayeredModel:
         batch: Sequence[Sequence[int]],
         outputs: frozenset[Output],
         between_layers: BetweenLayers | None = None,
+        express: bool = False,
     ) -> list[Embedding]:
         long = max(len(ids) for ids in batch) >= LONG
         if long:

@@ -13,6 +13,7 @@ from bge_trio.model.source import ModelSource
 
 
 def _hidden(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    assert encoder.model is not None
     with torch.inference_mode():
         hidden: torch.Tensor = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
     return hidden

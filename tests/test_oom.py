@@ -18,9 +18,12 @@ from tests.conftest import MEMORY_CGROUP_LIMIT
 pytestmark = pytest.mark.slow  # servers in a real memory cgroup
 
 
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
 def test_hammered_with_max_length_batches_inside_a_memory_limit(
-    memory_cgroup: Path, tmp_path: Path
+    backend: str, memory_cgroup: Path, tmp_path: Path
 ) -> None:
+    """On either backend: OpenVINO's conversion, its two compiled models and its workspace
+    (handed back after each large pass) stay inside the limit the probe planned for."""
     server = [sys.executable, "-m", "bge_trio.cli", "serve", "--model", "bundled", "--port", "0"]
     command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
     env = env_for(
@@ -31,11 +34,13 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         BGE_TRIO_MAX_QUEUE_ITEMS="512",
         # a deadline that admits the whole burst: every request is answered in full
         BGE_TRIO_REQUEST_TIMEOUT_S="600",
+        BGE_TRIO_BACKEND=backend,
     )
     answers: list[httpx.Response] = []
     with serving(["sh", "-c", command], env) as served:
         url = served.url
         health = httpx.get(url + "/health").json()
+        assert httpx.get(url + "/info").json()["backend"] == backend
         assert health["memory_limit_bytes"] == MEMORY_CGROUP_LIMIT
         assert health["memory_limit_source"].startswith("cgroup1:")
         text = "memory safety under a hard limit " * 80  # past the 256-token maximum

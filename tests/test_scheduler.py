@@ -36,9 +36,10 @@ class RecordingModel:
         batch: Sequence[Sequence[int]],
         outputs: frozenset[Output],
         between_layers: BetweenLayers | None = None,
+        express: bool = False,
     ) -> list[Embedding]:
         self.batches.append([tuple(ids) for ids in batch])
-        return self.encoder.forward(batch, outputs, between_layers)
+        return self.encoder.forward(batch, outputs, between_layers, express)
 
     @property
     def seen(self) -> Counter[tuple[int, ...]]:
@@ -156,7 +157,10 @@ async def test_a_failing_batch_fails_only_its_requests(tiny_encoder: Encoder) ->
     poison = (0, 99, 99, 2)
 
     def flaky(
-        batch: Sequence[Sequence[int]], outputs: frozenset[Output], _: BetweenLayers | None = None
+        batch: Sequence[Sequence[int]],
+        outputs: frozenset[Output],
+        _: BetweenLayers | None = None,
+        express: bool = False,
     ) -> list[Embedding]:
         if any(tuple(ids) == poison for ids in batch):
             raise RuntimeError("bad batch")
@@ -308,10 +312,11 @@ class SlowModel(RecordingModel):
         batch: Sequence[Sequence[int]],
         outputs: frozenset[Output],
         between_layers: BetweenLayers | None = None,
+        express: bool = False,
     ) -> list[Embedding]:
         self.batches.append([tuple(ids) for ids in batch])
         longest = max(len(ids) for ids in batch)
         if longest >= 40:
             self.long_pass_started.set()
         time.sleep(0.01 * longest)
-        return self.encoder.forward(batch, outputs, between_layers)
+        return self.encoder.forward(batch, outputs, between_layers, express)

@@ -19,6 +19,7 @@ PREFIX = "BGE_TRIO_"
 ProbeMode = Literal["auto", "off", "force"]
 Allocator = Literal["predictable", "fast"]
 DType = Literal["auto", "fp32", "bf16", "int8"]
+Backend = Literal["torch", "openvino", "auto"]
 LongInput = Literal["truncate", "error", "chunk"]
 LONG_INPUTS: tuple[LongInput, ...] = ("truncate", "error", "chunk")
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class Settings:
     chunk_window: int | None = None  # None: the longest text that fits
     chunk_overlap: int = 64
     dtype: DType = "auto"
+    backend: Backend = "torch"
     allocator: Allocator = "predictable"
     startup_wait_s: float = 30.0
     memory_limit_bytes: int | None = None
@@ -82,6 +84,12 @@ class Settings:
             raise ConfigError(
                 f"{PREFIX}MODEL_NAME names one model; with several, name each in "
                 f"{PREFIX}MODEL as name=path"
+            )
+        if self.backend == "openvino" and (self.workers or 1) > 1:
+            raise ConfigError(
+                f"{PREFIX}BACKEND=openvino runs one regular pass at a time with every core "
+                f"(OpenVINO fixes a pass's threads when it compiles); leave {PREFIX}WORKERS "
+                "unset or 1"
             )
         if self.chunk_window is not None and self.chunk_overlap * 2 > self.chunk_window - 2:
             raise ConfigError(
@@ -145,6 +153,7 @@ class Settings:
             chunk_window=r.get("CHUNK_WINDOW", _int(16, 1_000_000), None),
             chunk_overlap=r.get("CHUNK_OVERLAP", _int(0, 1_000_000), 64),
             dtype=r.get("DTYPE", _choice("auto", "fp32", "bf16", "int8"), "auto"),
+            backend=r.get("BACKEND", _choice("torch", "openvino", "auto"), "torch"),
             allocator=r.get("ALLOCATOR", _choice("predictable", "fast"), "predictable"),
             startup_wait_s=r.get("STARTUP_WAIT_S", _float(0.0, 3600.0), 30.0),
             memory_limit_bytes=r.get("MEMORY_LIMIT_BYTES", _int(1 << 20, 1 << 50), None),

@@ -8,7 +8,7 @@ from typing import Any
 from bge_trio import __version__
 from bge_trio.config import Settings
 from bge_trio.engine import EngineStatistics
-from bge_trio.engine.state import Probing, Ready
+from bge_trio.engine.state import Loading, Probing, Ready
 from bge_trio.scheduler.pace import PassPace
 
 
@@ -25,6 +25,8 @@ def health(stats: EngineStatistics) -> dict[str, object]:
         body["queued_items"] = scheduler.queued_items
         body["queued_tokens"] = scheduler.queued_tokens
         body["requests_in_flight"] = stats.requests_in_flight
+    if isinstance(stats.state, Loading) and stats.state.step is not None:
+        body["loading_step"] = stats.state.step
     if isinstance(stats.state, Probing) and stats.state.progress is not None:
         step = stats.state.progress
         body["probe_progress"] = {
@@ -75,6 +77,7 @@ def describe(stats: EngineStatistics, settings: Settings) -> dict[str, Any]:
                 "max_seq_length": info.max_seq_length,
                 "dtype": info.dtype,
                 "dtype_reason": info.dtype_reason,
+                "backend": info.backend,
                 "pooling": info.pooling,
                 "outputs": sorted(info.outputs),
             }

@@ -195,7 +195,14 @@ class Engine:
         with order.member() as member:
             try:
                 encoder = await threads.run_first(
-                    partial(load_model, threads=self.lanes.threads, load=self._load),
+                    partial(
+                        load_model,
+                        threads=self.lanes.threads,
+                        express_threads=self.lanes.express_threads,
+                        load=self._load,
+                        on_step=self._loading_step,
+                        root=self._root,
+                    ),
                     settings,
                     self.source,
                 )
@@ -254,6 +261,11 @@ class Engine:
         if self._scheduler is not None:
             self._scheduler.fail_all(server_failed())  # texts queued during startup
         self.failed.set()
+
+    def _loading_step(self, step: str) -> None:
+        """Runs on the forward thread: what loading does now (a conversion takes a while)."""
+        self._state = Loading(step)
+        log.info("%s: %s", self.name, step)
 
     def _probe_step(self, step: ProbeProgress) -> None:
         """Runs on the forward thread: the state is one value, replaced whole."""

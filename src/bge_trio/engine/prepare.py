@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import attrs
 
 from bge_trio.config import Settings
+from bge_trio.engine.backend import choose_by_measuring, decided, openvino_target
 from bge_trio.memory.cost import CONSERVATIVE
 from bge_trio.memory.plan import MemoryPlan, Planner, check_fits, measure_budget, plan_memory
 from bge_trio.memory.probe import Progress
@@ -64,25 +66,45 @@ def prepare(
 
 
 def load_model(
-    settings: Settings, source: ModelSource, *, threads: int, load: LoadEncoder = load_encoder
+    settings: Settings,
+    source: ModelSource,
+    *,
+    threads: int,
+    express_threads: int = 0,
+    load: LoadEncoder = load_encoder,
+    on_step: Callable[[str], None] | None = None,
+    root: Path = Path("/"),
 ) -> Encoder:
-    """Prepare this process for inference and load the encoder (``threads``: torch's
-    threads for work started from the calling thread)."""
+    """Prepare this process for inference and load the encoder on the backend the
+    settings choose (``threads``: the threads of a regular pass, torch's for work started
+    from the calling thread; ``express_threads``: the express lane's, 0 without one)."""
     prepare_process(settings.allocator)
     started = time.perf_counter()
-    encoder = load(
+    target = openvino_target(settings, source, express_threads=express_threads, on_step=on_step)
+    load = partial(
+        load,
         source,
         name=settings.model_name,
         max_seq_length=settings.max_seq_length,
         dtype=settings.dtype,
         threads=threads,
     )
+    if target is None:
+        encoder = load()
+    elif settings.backend == "openvino" or decided(target) == "openvino":
+        encoder = load(openvino=target)
+    elif decided(target) == "torch":
+        encoder = load()
+    else:
+        encoder = choose_by_measuring(settings, load(), target, threads, root)
     info = encoder.info
     log.info(
-        "loaded %s from %s in %.2fs (dim %d, max_seq %d, outputs %s, dtype %s: %s, %d threads)",
+        "loaded %s from %s in %.2fs (backend %s, dim %d, max_seq %d, outputs %s, dtype %s: %s, "
+        "%d threads)",
         info.name,
         source.path,
         time.perf_counter() - started,
+        encoder.backend,
         info.dimension,
         info.max_seq_length,
         ",".join(sorted(info.outputs)),

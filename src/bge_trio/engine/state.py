@@ -20,6 +20,9 @@ from bge_trio.memory.probe import ProbeProgress
 
 @attrs.frozen
 class Loading:
+    """The model is loading (``step``: what it does now, where that takes a while)."""
+
+    step: str | None = None
     status: ClassVar[str] = "loading"
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 from bge_trio.memory.cost import CostModel, Point
+from bge_trio.model.source import ModelSource
 
 log = logging.getLogger(__name__)
 # 2: bf16 means bf16 weights (was autocast); 3: a per-pass constant c; 4: large probe
@@ -51,6 +52,13 @@ def cpu_identity() -> str:
                 name = line.split(":", 1)[1].strip()
                 break
     return f"{platform.machine()} {name}".strip()
+
+
+def model_identity(source: ModelSource) -> str:
+    """The model as the cache keys name it: hub id and revision, or path and weights."""
+    if source.revision:
+        return f"{source.spec}@{source.revision}"
+    return f"{source.path}#{weights_fingerprint(source.path)}"
 
 
 def weights_fingerprint(model_dir: Path) -> str:

@@ -28,7 +28,7 @@ from bge_trio.memory.cache import (
     ProbeCache,
     cpu_identity,
     make_key,
-    weights_fingerprint,
+    model_identity,
 )
 from bge_trio.memory.cost import CONSERVATIVE, CostModel, Point
 from bge_trio.memory.probe import (
@@ -105,15 +105,9 @@ class MemoryPlan:
 
 def cache_key_for(encoder: Encoder, settings: Settings) -> dict[str, str | int]:
     info = encoder.info
-    source = info.source
-    identity = (
-        f"{source.spec}@{source.revision}"
-        if source.revision
-        else f"{source.path}#{weights_fingerprint(source.path)}"
-    )
-    return {
+    key: dict[str, str | int] = {
         "package": __version__,
-        "model": identity,
+        "model": model_identity(info.source),
         "dtype": info.dtype,
         "allocator": settings.allocator,
         "max_seq": info.max_seq_length,
@@ -121,6 +115,9 @@ def cache_key_for(encoder: Encoder, settings: Settings) -> dict[str, str | int]:
         "cpu": cpu_identity(),
         "threads": torch.get_num_threads(),
     }
+    if encoder.compiled is not None:  # the backend that serves is the one measured
+        key["backend"] = f"{encoder.backend} {encoder.compiled.version}"
+    return key
 
 
 def synthetic_forward(encoder: Encoder) -> Callable[[int, int], object]:

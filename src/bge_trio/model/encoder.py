@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import numpy as np
@@ -50,6 +50,7 @@ class ModelInfo:
     colbert_dimension: int | None
     dtype_reason: str = ""
     kind: Kind = "embedding"
+    backend: str = "torch"  # what runs the transformer: torch or openvino
 
 
 @attrs.frozen(eq=False)
@@ -86,6 +87,22 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+class CompiledTransformer(Protocol):
+    """A transformer compiled by another backend (see :mod:`.openvino`): token ids, mask
+    (and segments) in, the fp32 last hidden state (a cross-encoder: its logits) out."""
+
+    shallow_layers: int
+    version: str  # the backend's own version (the probe cache keys on it)
+
+    def run(
+        self, inputs: list[torch.Tensor], between: BetweenLayers | None, express: bool
+    ) -> torch.Tensor: ...
+
+    def weight_bytes(self) -> int: ...
+
+    def shallow(self) -> contextlib.AbstractContextManager[int]: ...
+
+
 def _before_layer(_module: torch.nn.Module, _args: Any) -> None:
     hook: BetweenLayers | None = getattr(_pass_context, "between_layers", None)
     if hook is not None:
@@ -98,16 +115,23 @@ class Encoder:
     def __init__(
         self,
         tokenizer: Any,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         info: ModelInfo,
         sparse_linear: torch.nn.Linear | None,
         colbert_linear: torch.nn.Linear | None,
+        *,
+        compiled: CompiledTransformer | None = None,
+        config: Any = None,
     ) -> None:
+        """``model``: the torch transformer, or None where ``compiled`` runs it (then
+        ``config`` is its transformers config)."""
         self.tokenizer = tokenizer
         self.model = model
+        self.compiled = compiled
+        self.config = config if model is None else model.config
         self.info = info
-        self._sparse = sparse_linear
-        self._colbert = colbert_linear
+        self.sparse_linear = self._sparse = sparse_linear
+        self.colbert_linear = self._colbert = colbert_linear
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # FlagEmbedding drops these from lexical weights.
         self.unused_ids = frozenset(
@@ -124,7 +148,10 @@ class Encoder:
             i for i in (tokenizer.eos_token_id, tokenizer.sep_token_id) if i is not None
         )
         found = self._layer_list()
-        self.layers = 0 if found is None else len(found[1])
+        if compiled is not None:
+            self.layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
+        else:
+            self.layers = 0 if found is None else len(found[1])
         for layer in () if found is None else found[1]:
             if not getattr(layer, "_bge_trio_hooked", False):  # once, even if wrapped again
                 layer.register_forward_pre_hook(_before_layer)
@@ -133,18 +160,18 @@ class Encoder:
     # -- memory -------------------------------------------------------------------------
 
     def weight_tensors(self) -> list[torch.Tensor]:
-        """Every tensor of weights the model holds: transformer, buffers and heads."""
+        """Every torch tensor of weights the model holds: transformer, buffers and heads."""
         heads_ = [h for h in (self._sparse, self._colbert) if h is not None]
-        return list(
-            chain(
-                self.model.parameters(),
-                self.model.buffers(),
-                *(h.parameters() for h in heads_),
-            )
-        )
+        transformer = [] if self.model is None else [self.model.parameters(), self.model.buffers()]
+        return list(chain(*transformer, *(h.parameters() for h in heads_)))
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weight_tensors())
+        compiled = 0 if self.compiled is None else self.compiled.weight_bytes()
+        return compiled + sum(t.numel() * t.element_size() for t in self.weight_tensors())
+
+    @property
+    def backend(self) -> str:
+        return self.info.backend
 
     def make_weights_resident(self) -> int:
         """Move every weight into the process's own memory; returns their bytes.
@@ -160,7 +187,7 @@ class Encoder:
         real one, at once, and keeps it there. Weights already converted (bf16, int8)
         live in anonymous memory and are left as they are.
         """
-        if self.info.dtype == "fp32":
+        if self.info.dtype == "fp32" and self.model is not None:
             with torch.inference_mode():
                 self.model._apply(lambda tensor: tensor.clone())  # type: ignore[no-untyped-call]
         return self.weight_bytes()
@@ -177,6 +204,10 @@ class Encoder:
         whose layer list cannot be found run at full depth. Not for serving: the gate must be
         closed.
         """
+        if self.compiled is not None:
+            with self.compiled.shallow() as depth:
+                yield depth
+            return
         found = self._layer_list()
         total = 0 if found is None else len(found[1])
         if found is None or layers >= total:
@@ -184,6 +215,7 @@ class Encoder:
             return
         name, full = found
         parent_name, _, attribute = name.rpartition(".")
+        assert self.model is not None  # found in it
         parent = self.model.get_submodule(parent_name)
         setattr(parent, attribute, torch.nn.ModuleList(list(full)[:layers]))
         try:
@@ -193,7 +225,9 @@ class Encoder:
 
     def _layer_list(self) -> tuple[str, torch.nn.ModuleList] | None:
         """The encoder's list of layers (named as the model names it), if it has one."""
-        total = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
+        if self.model is None:
+            return None
+        total = int(getattr(self.config, "num_hidden_layers", 0) or 0)
         return next(
             (
                 (name, module)
@@ -294,24 +328,32 @@ class Encoder:
         batch: Sequence[Sequence[int]],
         outputs: frozenset[Output] = DENSE,
         between_layers: BetweenLayers | None = None,
+        express: bool = False,
     ) -> list[Embedding]:
         """Run one padded batch and return each text's requested outputs, in order.
 
         ``between_layers`` runs before each encoder layer on this thread: it may stop
-        the pass (raise :class:`PassAbandoned`) or change this thread's torch threads.
+        the pass (raise :class:`PassAbandoned`) or change this thread's torch threads
+        (a compiled backend calls it while its pass runs instead; see :mod:`.openvino`).
+        ``express``: the pass runs on the express lane (a compiled backend has a model
+        of its own for it).
         """
         if not batch:
             return []
-        if between_layers is None:
-            return self._forward(batch, outputs)
+        if between_layers is None or self.compiled is not None:
+            return self._forward(batch, outputs, between_layers, express)
         _pass_context.between_layers = between_layers
         try:
-            return self._forward(batch, outputs)
+            return self._forward(batch, outputs, None, express)
         finally:
             _pass_context.between_layers = None
 
     def _forward(
-        self, batch: Sequence[Sequence[int]], outputs: frozenset[Output]
+        self,
+        batch: Sequence[Sequence[int]],
+        outputs: frozenset[Output],
+        between_layers: BetweenLayers | None,
+        express: bool,
     ) -> list[Embedding]:
         lengths = [len(ids) for ids in batch]
         width = max(lengths)
@@ -320,15 +362,11 @@ class Encoder:
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
-        attention = _key_padding_mask(self.model, mask, lengths)
         if self.info.kind == "reranker":
-            with torch.inference_mode():
-                logits = self.model(
-                    input_ids=ids, attention_mask=attention, **self._segments(ids)
-                ).logits.float()
+            logits = self._transformer(ids, mask, lengths, between_layers, express)
             return [Embedding(score=float(logit)) for logit in logits[:, 0]]
+        hidden = self._transformer(ids, mask, lengths, between_layers, express)
         with torch.inference_mode():
-            hidden = self.model(input_ids=ids, attention_mask=attention).last_hidden_state.float()
             dense = pool(hidden, mask, self.info.pooling).numpy() if "dense" in outputs else None
             weights = (
                 heads.sparse_token_weights(self._sparse, hidden).numpy()
@@ -353,10 +391,31 @@ class Encoder:
             )
         return results
 
+    def _transformer(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        lengths: Sequence[int],
+        between_layers: BetweenLayers | None,
+        express: bool,
+    ) -> torch.Tensor:
+        """The fp32 last hidden state (a cross-encoder: its logits) of the padded batch."""
+        segments = self._segments(ids)
+        if self.compiled is not None:
+            inputs = [ids, mask, *segments.values()]
+            return self.compiled.run(inputs, between_layers, express)
+        assert self.model is not None
+        attention = _key_padding_mask(self.config, mask, lengths)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=attention, **segments)
+            if self.info.kind == "reranker":
+                return out.logits.float()  # type: ignore[no-any-return]
+            return out.last_hidden_state.float()  # type: ignore[no-any-return]
+
     def _segments(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Token type ids for models that have them (BERT-style pairs: 0 up to the first
         separator, 1 after it); XLM-RoBERTa has one type and needs none."""
-        if int(getattr(self.model.config, "type_vocab_size", 1) or 1) < 2 or not self.closing_ids:
+        if not self.has_segments:
             return {}
         closing = torch.zeros_like(ids, dtype=torch.bool)
         for token_id in self.closing_ids:
@@ -365,9 +424,18 @@ class Encoder:
         after = (torch.cumsum(closing.long(), dim=1) - closing.long()) > 0
         return {"token_type_ids": after.long()}
 
+    @property
+    def has_segments(self) -> bool:
+        """Whether a pair's passes carry token type ids (BERT-style cross-encoders)."""
+        return (
+            self.info.kind == "reranker"
+            and int(getattr(self.config, "type_vocab_size", 1) or 1) >= 2
+            and bool(self.closing_ids)
+        )
+
 
 def _key_padding_mask(
-    model: torch.nn.Module, mask: torch.Tensor, lengths: Sequence[int]
+    config: Any, mask: torch.Tensor, lengths: Sequence[int]
 ) -> torch.Tensor | None:
     """The attention mask to hand the transformer, chosen for memory.
 
@@ -382,7 +450,7 @@ def _key_padding_mask(
     """
     if min(lengths) == max(lengths):
         return None
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+    if getattr(config, "_attn_implementation", None) == "sdpa":
         return mask[:, None, None, :].bool()
     return mask
 

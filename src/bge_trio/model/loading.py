@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from bge_trio.model import heads
+from bge_trio.model import openvino as ov_backend
 from bge_trio.model.encoder import Encoder, Kind, ModelConfigError, ModelInfo, Output
 from bge_trio.model.pooling import read_pooling
 from bge_trio.model.source import ModelSource
@@ -24,6 +27,16 @@ log = logging.getLogger("bge_trio.model.encoder")
 _OFFSET_POSITIONS = {"xlm-roberta", "roberta", "camembert", "xlm-roberta-xl"}
 
 
+@attrs.frozen
+class OpenVinoTarget:
+    """Serve the transformer with OpenVINO (see :mod:`.openvino`): where its conversion is
+    cached, and the express lane's threads (0: no express lane)."""
+
+    directory: Path
+    express_threads: int
+    on_step: Callable[[str], None] = lambda _step: None  # startup reports what it does
+
+
 def load_encoder(
     source: ModelSource,
     *,
@@ -31,6 +44,7 @@ def load_encoder(
     max_seq_length: int | None = None,
     dtype: str = "auto",
     threads: int | None = None,
+    openvino: OpenVinoTarget | None = None,
 ) -> Encoder:
     """Load tokenizer, transformer and the optional BGE-M3 heads (heads always fp32).
 
@@ -38,6 +52,9 @@ def load_encoder(
     autocast was tried first: it recasts every fp32 weight on every pass, which
     made it 1.6x fp32 where bf16 weights are 2.2x, with the same dense cosine to
     fp32 (min 0.9998 on the benchmark corpus). Outputs are pooled in fp32.
+
+    With ``openvino`` the transformer is converted once (in the served dtype) and
+    compiled; a cached conversion is compiled without loading the torch weights at all.
     """
     if threads:  # this thread's own count (see set_threads)
         torch.set_num_threads(threads)
@@ -46,16 +63,23 @@ def load_encoder(
     tokenizer = load_tokenizer(path)
     if kind == "reranker" and not hasattr(tokenizer, "backend_tokenizer"):
         raise ModelConfigError(f"{path}: a cross-encoder needs a tokenizer.json to build pairs")
-    model = _transformer(path, kind)
-    config = model.config
+    dtype, reason = choose_dtype(dtype, bf16_supported())
+    if openvino is not None and dtype == "int8":
+        raise ModelConfigError(
+            "BGE_TRIO_BACKEND=openvino serves fp32 or bf16; BGE_TRIO_DTYPE=int8 is torch's"
+        )
+    cached = openvino is not None and ov_backend.converted(openvino.directory)
+    # OpenVINO converts the fp32 model: see compile_openvino
+    model = None if cached else _transformer(path, kind)
+    if model is not None and openvino is None:
+        model = _converted(model, dtype)
+    config = _config(path) if model is None else model.config
     hidden = int(config.hidden_size)
     reranker = kind == "reranker"
     sparse_linear = None if reranker else heads.load_linear(path / heads.SPARSE_FILE, hidden)
     colbert_linear = None if reranker else heads.load_linear(path / heads.COLBERT_FILE, hidden)
-    dtype, reason = choose_dtype(dtype, bf16_supported())
     if "emulated" in reason:
         log.warning("%s", reason)
-    model = _converted(model, dtype)
     position_limit, max_seq = _lengths(config, path, max_seq_length, kind)
     outputs: set[Output] = {"score"} if reranker else {"dense"}
     if sparse_linear is not None:
@@ -76,7 +100,48 @@ def load_encoder(
         dtype_reason=reason,
         kind=kind,
     )
-    return Encoder(tokenizer, model, info, sparse_linear, colbert_linear)
+    encoder = Encoder(tokenizer, model, info, sparse_linear, colbert_linear)
+    if openvino is None:
+        return encoder
+    return compile_openvino(encoder, openvino, threads or torch.get_num_threads())
+
+
+def compile_openvino(encoder: Encoder, target: OpenVinoTarget, threads: int) -> Encoder:
+    """The same encoder with its transformer converted (unless cached) and compiled."""
+    info = encoder.info
+    if encoder.model is not None:
+        target.on_step("converting the transformer to OpenVINO (once; cached for later starts)")
+        seconds = ov_backend.convert(
+            encoder.model,
+            info.kind,
+            encoder.has_segments,
+            target.directory,
+            encoder.shallow,
+            half_weights=info.dtype == "bf16",
+        )
+        log.info("converted %s to OpenVINO in %.1fs: %s", info.name, seconds, target.directory)
+    target.on_step("compiling the OpenVINO model")
+    compiled = ov_backend.OpenVinoTransformer(
+        target.directory,
+        threads=threads,
+        express_threads=target.express_threads,
+        dtype=info.dtype,
+    )
+    return Encoder(
+        encoder.tokenizer,
+        None,  # the torch weights are dropped
+        attrs.evolve(info, backend="openvino"),
+        encoder.sparse_linear,
+        encoder.colbert_linear,
+        compiled=compiled,
+        config=encoder.config,
+    )
+
+
+def _config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
 
 
 TOKENIZER_FILE = "tokenizer.json"

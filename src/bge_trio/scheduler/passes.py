@@ -26,7 +26,10 @@ from bge_trio.scheduler.work import WorkItem
 
 log = logging.getLogger("bge_trio.scheduler.scheduler")
 
-Runner = Callable[[Sequence[Sequence[int]], frozenset[Output], BetweenLayers], list[Embedding]]
+# (token ids, outputs, the between-layers hook, whether the pass is on the express lane)
+Runner = Callable[
+    [Sequence[Sequence[int]], frozenset[Output], BetweenLayers, bool], list[Embedding]
+]
 
 
 class PassObserver(Protocol):
@@ -106,7 +109,7 @@ class Passes:
                 len(batch), padded, [started - item.enqueued_at for item in batch]
             )
             between = self._between_layers(batch, on_express, express_open, predicted)
-            results, peak = await self._forward(thread, batch, outputs, between)
+            results, peak = await self._forward(thread, batch, outputs, between, on_express)
         except PassAbandoned:
             self.stopped_early += 1
             self._observer.batch_finished(trio.current_time() - started, ok=True)
@@ -186,6 +189,7 @@ class Passes:
         batch: list[WorkItem],
         outputs: frozenset[Output],
         between_layers: BetweenLayers,
+        on_express: bool,
     ) -> tuple[list[Embedding], Peak | None]:
         """Run the pass, measuring its peak when it runs alone."""
         ids = [item.token_ids for item in batch]
@@ -197,13 +201,14 @@ class Passes:
         try:
             if not alone or self._meter is None:
                 plain: list[Embedding] = await thread.run(
-                    self._runner, ids, outputs, between_layers
+                    self._runner, ids, outputs, between_layers, on_express
                 )
                 return plain, None
             results: list[Embedding]
             peak: int
             results, peak = await thread.run(
-                self._meter.measure_pass, partial(self._runner, ids, outputs, between_layers)
+                self._meter.measure_pass,
+                partial(self._runner, ids, outputs, between_layers, on_express),
             )
         finally:
             cores.in_flight -= 1
