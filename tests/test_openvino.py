@@ -19,7 +19,12 @@ import trio
 from bge_trio.api.reports import health
 from bge_trio.config import ConfigError, Settings
 from bge_trio.engine import EngineStatistics
-from bge_trio.engine.backend import CHOICE_FILE, openvino_directory
+from bge_trio.engine.backend import (
+    CHOICE_FILE,
+    OPENVINO_EXPRESS_TOKENS,
+    express_tokens,
+    openvino_directory,
+)
 from bge_trio.engine.prepare import load_model, prepare
 from bge_trio.engine.state import Loading
 from bge_trio.model import openvino as ov_backend
@@ -160,6 +165,33 @@ def test_a_pass_nobody_waits_for_is_cancelled_and_the_model_serves_on(
     np.testing.assert_array_equal([e.dense for e in again], [e.dense for e in expected])
 
 
+def test_an_express_pass_runs_beside_a_regular_one(
+    bundled_source: ModelSource, corpus_ids: list[list[int]], converted: Path
+) -> None:
+    """The express lane's compiled model is its own: an express pass starts and ends while
+    a regular pass is still running (one compiled model runs one request at a time)."""
+    encoder = _openvino(bundled_source, converted / "fp32", "fp32", express=1)
+    running = threading.Event()
+    ended_first: list[str] = []
+
+    def regular_hook() -> None:
+        running.set()
+
+    def regular() -> None:
+        encoder.forward((corpus_ids * 4)[:256], between_layers=regular_hook)
+        ended_first.append("regular")
+
+    thread = threading.Thread(target=regular)
+    thread.start()
+    assert running.wait(60)
+    (short,) = encoder.forward([corpus_ids[0][:12]], express=True)
+    ended_first.append("express")
+    thread.join(120)
+    assert ended_first == ["express", "regular"]
+    (alone,) = encoder.forward([corpus_ids[0][:12]])
+    np.testing.assert_allclose(short.dense, alone.dense, atol=1e-6)  # type: ignore[arg-type]
+
+
 async def test_a_server_on_openvino_answers_short_queries_on_its_express_lane(
     bundled_source: ModelSource, settings_for: Any, converted: Path
 ) -> None:
@@ -254,6 +286,12 @@ def test_auto_stays_on_torch_where_a_second_copy_does_not_fit(
     )
     assert load_model(settings, bundled_source, threads=2).backend == "torch"
     assert not (openvino_directory(settings, bundled_source) / CHOICE_FILE).exists()
+
+
+def test_openvino_s_express_lane_takes_queries_only() -> None:
+    assert express_tokens(Settings(backend="openvino")) == OPENVINO_EXPRESS_TOKENS == 64
+    assert express_tokens(Settings(backend="openvino", express_tokens=0)) == 0
+    assert express_tokens(Settings(backend="torch")) == 256
 
 
 def test_settings_refuse_what_openvino_cannot_do() -> None:

@@ -13,6 +13,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from bge_trio.memory.probe import resident_bytes
 from bge_trio.memory.recalibrate import Recalibrator
 from bge_trio.model.source import ModelSource
 from bge_trio.testing.processes import bge_trio, env_for, serving
@@ -207,7 +208,8 @@ async def test_a_confirmed_correction_is_kept_and_the_next_start_begins_correcte
     settings = settings_for(
         bundled_source.path,
         probe="auto",
-        memory_limit_bytes=2 << 30,
+        # 1.5 GiB above what this test process already holds (other tests' models too)
+        memory_limit_bytes=resident_bytes() + (3 << 29),
         workers=1,  # every pass runs alone, so every one is measured
         express_tokens=0,  # no express lane: every pass is a regular one
         max_batch_tokens=1 << 20,  # each request one pass

@@ -13,6 +13,7 @@ import attrs
 from bge_trio.cgroups import cpu_count
 from bge_trio.config import Settings
 from bge_trio.engine import prepare
+from bge_trio.engine.backend import express_tokens
 from bge_trio.memory.plan import MemoryTooSmallError
 from bge_trio.memory.probe import ProbeProgress
 from bge_trio.model.source import ModelSource
@@ -23,7 +24,7 @@ MIB = 1024 * 1024
 
 def run_probe_command(settings: Settings, source: ModelSource) -> int:
     out = sys.stdout
-    lanes = plan_lanes(cpu_count(), settings.workers, settings.express_tokens)
+    lanes = plan_lanes(cpu_count(), settings.workers, express_tokens(settings))
     print(f"loading {source.path} ...", file=out, flush=True)
 
     def progress(step: ProbeProgress) -> None:

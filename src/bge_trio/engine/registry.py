@@ -25,6 +25,7 @@ import trio
 
 from bge_trio.cgroups import detect_cpu_limit
 from bge_trio.config import ConfigError, Settings
+from bge_trio.engine.backend import express_tokens
 from bge_trio.engine.engine import Engine
 from bge_trio.engine.prepare import LoadEncoder
 from bge_trio.engine.startup import StartupOrder
@@ -127,7 +128,7 @@ def serving_engines(
     if len(found) != len(entries):
         raise ConfigError(f"{len(entries)} models configured, {len(found)} given")
     cpu = detect_cpu_limit(root)
-    lanes = plan_lanes(cpu.threads, settings.workers, settings.express_tokens)
+    lanes = plan_lanes(cpu.threads, settings.workers, express_tokens(settings))
     order = StartupOrder(engines=len(entries), forwards=lanes.workers)
     engines = []
     for entry, source in zip(entries, found, strict=True):
