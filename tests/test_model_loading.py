@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bge_trio.model.encoder import ModelConfigError
-from bge_trio.model.loading import load_encoder
+from bge_trio.model.loading import OpenVinoTarget, load_encoder
 from bge_trio.model.source import resolve_model
 from tests.conftest import running_server
 from tests.reference import ReferenceM3
@@ -27,15 +27,20 @@ def _copy_with(src: Path, dst: Path, edit: Any) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
 def test_a_missing_layer_weight_is_a_startup_error_naming_it(
-    tiny_model_dir: Path, tmp_path: Path
+    backend: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    """On OpenVINO the checkpoint is read by the conversion's own process: its refusal
+    comes back as the same one-line error, and nothing is left in the cache."""
     key = "encoder.layer.1.attention.self.query.weight"
     broken = _copy_with(tiny_model_dir, tmp_path / "broken", lambda w: w.pop(key))
+    target = OpenVinoTarget(tmp_path / "openvino", 0) if backend == "openvino" else None
     with pytest.raises(ModelConfigError, match="lacks 1 weight") as error:
-        load_encoder(resolve_model(str(broken)), dtype="fp32")
+        load_encoder(resolve_model(str(broken)), dtype="fp32", openvino=target)
     assert key in str(error.value)
     assert "\n" not in str(error.value)
+    assert not (tmp_path / "openvino").exists()
 
 
 def test_a_weight_of_the_wrong_shape_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from bge_trio.engine.backend import (
 from bge_trio.engine.prepare import load_model, prepare
 from bge_trio.engine.state import Loading
 from bge_trio.model import openvino as ov_backend
+from bge_trio.model.conversion import convert_in_child
 from bge_trio.model.encoder import Encoder, PassAbandoned
 from bge_trio.model.loading import OpenVinoTarget, load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
@@ -45,10 +47,35 @@ TEXTS = [
 ]
 
 
+Conversions = Callable[[ModelSource, str], Path]
+
+
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache directory for the module's conversions: MiniLM is converted once per dtype."""
-    return tmp_path_factory.mktemp("openvino-cache")
+def conversions(tmp_path_factory: pytest.TempPathFactory) -> Conversions:
+    """Each model's conversion in a dtype, made once for the module (in its own process,
+    as a server makes it); a test that is not about converting starts from one of these
+    (see :func:`_seeded`)."""
+    root = tmp_path_factory.mktemp("openvino-conversions")
+    made: dict[tuple[Path, str], Path] = {}
+
+    def conversion(source: ModelSource, dtype: str) -> Path:
+        if (source.path, dtype) not in made:
+            directory = root / str(len(made))
+            convert_in_child(source.path, directory, half_weights=dtype == "bf16", threads=2)
+            made[source.path, dtype] = directory
+        return made[source.path, dtype]
+
+    return conversion
+
+
+def _seeded(conversion: Path, settings: Settings, source: ModelSource) -> Settings:
+    """``settings`` whose cache holds ``conversion`` where the server looks for it (hard
+    links: nothing is copied, and what a test writes beside them stays its own)."""
+    directory = openvino_directory(settings, source)
+    directory.mkdir(parents=True)
+    for path in conversion.iterdir():
+        os.link(path, directory / path.name)
+    return settings
 
 
 def _openvino(source: ModelSource, directory: Path, dtype: str, express: int = 0) -> Encoder:
@@ -60,13 +87,22 @@ def _cosines(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> np.ndarray[Any
 
 
 @pytest.fixture(scope="module")
-def corpus_ids(bundled_source: ModelSource) -> list[list[int]]:
+def fp32_torch(bundled_source: ModelSource) -> Encoder:
+    return load_encoder(bundled_source, dtype="fp32", threads=2)
+
+
+@pytest.fixture(scope="module")
+def corpus_ids(fp32_torch: Encoder) -> list[list[int]]:
     texts = [
         json.loads(line)["text"]
         for line in (Path(__file__).parents[1] / "benchmarks" / "corpus.jsonl").open()
     ][:160]
-    reference = load_encoder(bundled_source, dtype="fp32", threads=2)
-    return [reference.truncate(ids, 256) for ids in reference.tokenize(texts)]
+    return [fp32_torch.truncate(ids, 256) for ids in fp32_torch.tokenize(texts)]
+
+
+@pytest.fixture(scope="module")
+def reference_dense(fp32_torch: Encoder, corpus_ids: list[list[int]]) -> np.ndarray[Any, Any]:
+    return _dense(fp32_torch, corpus_ids)
 
 
 def _dense(encoder: Encoder, ids: list[list[int]], **kwargs: Any) -> np.ndarray[Any, Any]:
@@ -82,13 +118,14 @@ def test_minilm_dense_vectors_equal_the_fp32_reference(
     least: float,
     bundled_source: ModelSource,
     corpus_ids: list[list[int]],
-    converted: Path,
+    reference_dense: np.ndarray[Any, Any],
+    conversions: Conversions,
 ) -> None:
     """160 texts of the benchmark corpus (up to 256 tokens, padded in batches of 16): every
     dense vector's cosine to torch fp32 at least ``least``, on the regular and the
     express lane alike."""
-    reference = _dense(load_encoder(bundled_source, dtype="fp32", threads=2), corpus_ids)
-    encoder = _openvino(bundled_source, converted / dtype, dtype, express=1)
+    reference = reference_dense
+    encoder = _openvino(bundled_source, conversions(bundled_source, dtype), dtype, express=1)
     assert (encoder.backend, encoder.info.dtype, encoder.model) == ("openvino", dtype, None)
     served = _dense(encoder, corpus_ids)
     assert _cosines(served, reference).min() >= least
@@ -97,10 +134,11 @@ def test_minilm_dense_vectors_equal_the_fp32_reference(
 
 
 def test_tiny_m3_outputs_equal_flag_embedding(
-    tiny_model_dir: Path, reference: ReferenceM3, tmp_path: Path
+    tiny_model_dir: Path, reference: ReferenceM3, conversions: Conversions
 ) -> None:
     """Dense, sparse and ColBERT through OpenVINO (fp32) equal FlagEmbedding's outputs."""
-    encoder = _openvino(resolve_model(str(tiny_model_dir)), tmp_path, "fp32")
+    source = resolve_model(str(tiny_model_dir))
+    encoder = _openvino(source, conversions(source, "fp32"), "fp32")
     ids = encoder.tokenize(TEXTS)
     got = encoder.forward(ids, encoder.info.outputs)
     for mine, ref in zip(got, reference.encode(TEXTS), strict=True):
@@ -143,12 +181,12 @@ def test_the_conversion_is_cached_whole_and_reused(
 
 
 def test_a_pass_nobody_waits_for_is_cancelled_and_the_model_serves_on(
-    bundled_source: ModelSource, corpus_ids: list[list[int]], converted: Path
+    bundled_source: ModelSource, corpus_ids: list[list[int]], conversions: Conversions
 ) -> None:
     """The waiting thread asks the hook while the pass runs; when it stops the pass, the
     request is cancelled, and the next pass (of another shape: OpenVINO's CPU plugin fails
     that after a cancel unless the model is compiled again) gives the vectors it gave before."""
-    encoder = _openvino(bundled_source, converted / "fp32", "fp32")
+    encoder = _openvino(bundled_source, conversions(bundled_source, "fp32"), "fp32")
     batch = (corpus_ids * 4)[:256]
     asked = []
 
@@ -166,11 +204,11 @@ def test_a_pass_nobody_waits_for_is_cancelled_and_the_model_serves_on(
 
 
 def test_an_express_pass_runs_beside_a_regular_one(
-    bundled_source: ModelSource, corpus_ids: list[list[int]], converted: Path
+    bundled_source: ModelSource, corpus_ids: list[list[int]], conversions: Conversions
 ) -> None:
     """The express lane's compiled model is its own: an express pass starts and ends while
     a regular pass is still running (one compiled model runs one request at a time)."""
-    encoder = _openvino(bundled_source, converted / "fp32", "fp32", express=1)
+    encoder = _openvino(bundled_source, conversions(bundled_source, "fp32"), "fp32", express=1)
     running = threading.Event()
     ended_first: list[str] = []
 
@@ -178,7 +216,7 @@ def test_an_express_pass_runs_beside_a_regular_one(
         running.set()
 
     def regular() -> None:
-        encoder.forward((corpus_ids * 4)[:256], between_layers=regular_hook)
+        encoder.forward(corpus_ids[:64], between_layers=regular_hook)
         ended_first.append("regular")
 
     thread = threading.Thread(target=regular)
@@ -193,7 +231,7 @@ def test_an_express_pass_runs_beside_a_regular_one(
 
 
 async def test_a_server_on_openvino_answers_short_queries_on_its_express_lane(
-    bundled_source: ModelSource, settings_for: Any, converted: Path
+    bundled_source: ModelSource, settings_for: Any, conversions: Conversions
 ) -> None:
     """While a long pass holds the regular lane, a short query is answered on the express
     lane (OpenVINO's second compiled model); both answers equal the torch server's."""
@@ -204,7 +242,11 @@ async def test_a_server_on_openvino_answers_short_queries_on_its_express_lane(
             long_running.set()
             release.wait(60)
 
-    settings = settings_for("bundled", backend="openvino", probe="auto", cache_dir=converted)
+    settings = _seeded(
+        conversions(bundled_source, "fp32"),
+        settings_for("bundled", backend="openvino", probe="auto"),
+        bundled_source,
+    )
     long_text = "a long passage about structured concurrency " * 40
     async with running_server(settings, load_encoder=loader_with(hold_long)) as server:
         assert (await server.client.get("/info")).json()["backend"] == "openvino"
@@ -231,7 +273,9 @@ async def test_a_server_on_openvino_answers_short_queries_on_its_express_lane(
             np.testing.assert_allclose(got, want["data"][0]["embedding"], atol=1e-5)
 
 
-def test_a_probe_on_openvino_measures_openvino(bundled_source: ModelSource, tmp_path: Path) -> None:
+def test_a_probe_on_openvino_measures_openvino(
+    bundled_source: ModelSource, tmp_path: Path, conversions: Conversions
+) -> None:
     """The probe runs the compiled model (its two-layer copy), and its cache is keyed by
     the backend: torch's cached fit is not OpenVINO's."""
     settings = Settings(
@@ -242,6 +286,7 @@ def test_a_probe_on_openvino_measures_openvino(bundled_source: ModelSource, tmp_
         cache_dir=tmp_path,
         memory_limit_bytes=3 << 30,
     )
+    _seeded(conversions(bundled_source, "fp32"), settings, bundled_source)
     served = prepare(settings, bundled_source, threads=2, workers=1)
     assert served.memory.status == "complete", served.memory.detail
     assert served.memory.cache_key is not None
@@ -253,7 +298,7 @@ def test_a_probe_on_openvino_measures_openvino(bundled_source: ModelSource, tmp_
 
 
 def test_auto_measures_once_and_keeps_its_choice(
-    bundled_source: ModelSource, tmp_path: Path
+    bundled_source: ModelSource, tmp_path: Path, conversions: Conversions
 ) -> None:
     """``auto`` times both backends on its first start, records the faster, and a later
     start loads the recorded one without measuring again."""
@@ -264,6 +309,7 @@ def test_auto_measures_once_and_keeps_its_choice(
         cache_dir=tmp_path,
         memory_limit_bytes=8 << 30,
     )
+    _seeded(conversions(bundled_source, "fp32"), settings, bundled_source)
     first = load_model(settings, bundled_source, threads=2)
     choice_file = openvino_directory(settings, bundled_source) / CHOICE_FILE
     choice = json.loads(choice_file.read_text())
@@ -315,17 +361,28 @@ def _loading_stats(step: str) -> EngineStatistics:
 
 
 def test_bulk_embed_on_openvino_gives_the_reference_outputs(
-    tmp_path: Path, tiny_model_dir: Path, reference: ReferenceM3, bge_trio_here: RunHere
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    reference: ReferenceM3,
+    bge_trio_here: RunHere,
+    conversions: Conversions,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """``bge-trio embed`` takes the backend from the environment like the server."""
+    """``bge-trio embed`` takes the backend from the environment like the server (and
+    the conversion from its cache)."""
+    tiny = resolve_model(str(tiny_model_dir))
+    settings = Settings(model=str(tiny_model_dir), dtype="fp32", cache_dir=tmp_path / "cache")
+    _seeded(conversions(tiny, "fp32"), settings, tiny)
     texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(9)]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
     env = env_for(tmp_path, dtype="fp32", BGE_TRIO_BACKEND="openvino")
     command = ["embed", str(source), str(tmp_path / "out"), "--model", str(tiny_model_dir)]
-    ran = bge_trio_here([*command, "--outputs", "dense,sparse,colbert", "--shard-rows", "4"], env)
+    command += ["--outputs", "dense,sparse,colbert", "--shard-rows", "4"]
+    with caplog.at_level(logging.INFO):
+        ran = bge_trio_here(command, env)
     assert ran.code == 0, ran.stderr
-    assert [p.parent.name[:9] for p in (tmp_path / "cache").glob("*/done.json")] == ["openvino-"]
+    assert "(backend openvino," in caplog.text
     rows = sorted(
         pq.ParquetDataset(str(tmp_path / "out")).read().to_pylist(), key=lambda r: r["id"]
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from bge_trio.model import heads
+from bge_trio.model import conversion, heads
 from bge_trio.model import openvino as ov_backend
 from bge_trio.model.encoder import Encoder, Kind, ModelConfigError, ModelInfo, Output
 from bge_trio.model.pooling import read_pooling
@@ -53,8 +54,8 @@ def load_encoder(
     made it 1.6x fp32 where bf16 weights are 2.2x, with the same dense cosine to
     fp32 (min 0.9998 on the benchmark corpus). Outputs are pooled in fp32.
 
-    With ``openvino`` the transformer is converted once (in the served dtype) and
-    compiled; a cached conversion is compiled without loading the torch weights at all.
+    With ``openvino`` the transformer is converted once (in a child process, for the
+    served dtype) and compiled; this process never loads the torch transformer.
     """
     if threads:  # this thread's own count (see set_threads)
         torch.set_num_threads(threads)
@@ -68,11 +69,8 @@ def load_encoder(
         raise ModelConfigError(
             "BGE_TRIO_BACKEND=openvino serves fp32 or bf16; BGE_TRIO_DTYPE=int8 is torch's"
         )
-    cached = openvino is not None and ov_backend.converted(openvino.directory)
-    # OpenVINO converts the fp32 model: see compile_openvino
-    model = None if cached else _transformer(path, kind)
-    if model is not None and openvino is None:
-        model = _converted(model, dtype)
+    # OpenVINO converts the checkpoint in a process of its own: see compile_openvino
+    model = None if openvino is not None else _converted(_transformer(path, kind), dtype)
     config = _config(path) if model is None else model.config
     hidden = int(config.hidden_size)
     reranker = kind == "reranker"
@@ -107,18 +105,20 @@ def load_encoder(
 
 
 def compile_openvino(encoder: Encoder, target: OpenVinoTarget, threads: int) -> Encoder:
-    """The same encoder with its transformer converted (unless cached) and compiled."""
+    """The same encoder with its transformer compiled by OpenVINO, converted first from
+    the checkpoint's fp32 weights unless cached (in a process of its own: see
+    :mod:`.conversion`; the torch model ``encoder`` may hold is not what is converted)."""
     info = encoder.info
-    if encoder.model is not None:
+    if not ov_backend.converted(target.directory):
         target.on_step("converting the transformer to OpenVINO (once; cached for later starts)")
-        seconds = ov_backend.convert(
-            encoder.model,
-            info.kind,
-            encoder.has_segments,
+        started = time.perf_counter()
+        conversion.convert_in_child(
+            info.source.path,
             target.directory,
-            encoder.shallow,
             half_weights=info.dtype == "bf16",
+            threads=threads,
         )
+        seconds = time.perf_counter() - started
         log.info("converted %s to OpenVINO in %.1fs: %s", info.name, seconds, target.directory)
     target.on_step("compiling the OpenVINO model")
     compiled = ov_backend.OpenVinoTransformer(
@@ -129,7 +129,7 @@ def compile_openvino(encoder: Encoder, target: OpenVinoTarget, threads: int) -> 
     )
     return Encoder(
         encoder.tokenizer,
-        None,  # the torch weights are dropped
+        None,  # the transformer is OpenVINO's
         attrs.evolve(info, backend="openvino"),
         encoder.sparse_linear,
         encoder.colbert_linear,
