@@ -29,7 +29,6 @@ from bge_trio.engine.backend import (
 from bge_trio.engine.prepare import load_model, prepare
 from bge_trio.engine.state import Loading
 from bge_trio.model import openvino as ov_backend
-from bge_trio.model.conversion import convert_in_child
 from bge_trio.model.encoder import Encoder, PassAbandoned
 from bge_trio.model.loading import OpenVinoTarget, load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
@@ -61,7 +60,9 @@ def conversions(tmp_path_factory: pytest.TempPathFactory) -> Conversions:
     def conversion(source: ModelSource, dtype: str) -> Path:
         if (source.path, dtype) not in made:
             directory = root / str(len(made))
-            convert_in_child(source.path, directory, half_weights=dtype == "bf16", threads=2)
+            ov_backend.convert_in_child(
+                source.path, directory, half_weights=dtype == "bf16", threads=2
+            )
             made[source.path, dtype] = directory
         return made[source.path, dtype]
 

@@ -9,39 +9,19 @@ container limit would plan with less room than every later start, or not start a
 A child process hands all of it back when it exits; the server only compiles the files.
 
 ``python -m bge_trio.model.conversion MODEL_DIR TARGET_DIR [--half-weights] --threads N``
-is the child: exit 0 when the directory is whole, 2 with the one-line reason when the
-checkpoint cannot be served (a :class:`ModelConfigError`), 1 on anything else.
+is the child (started by :func:`.openvino.convert_in_child`): exit 0 when the directory
+is whole, 2 with the one-line reason when the checkpoint cannot be served (a
+:class:`ModelConfigError`), 1 on anything else.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import subprocess
 import sys
 from pathlib import Path
 
 from bge_trio.model.encoder import ModelConfigError
-
-log = logging.getLogger("bge_trio.model.encoder")
-
-_REFUSED = 2  # the child's exit code for a checkpoint it cannot serve
-
-
-def convert_in_child(model_dir: Path, directory: Path, *, half_weights: bool, threads: int) -> None:
-    """Convert ``model_dir`` into ``directory`` (see :func:`.openvino.convert`) in a child
-    process; raises :class:`ModelConfigError` with the child's reason when the checkpoint
-    cannot be served, ``RuntimeError`` when the conversion failed otherwise."""
-    command = [sys.executable, "-m", __name__, str(model_dir), str(directory)]
-    command += ["--threads", str(threads), *(["--half-weights"] if half_weights else [])]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode == 0:
-        return
-    lines = done.stderr.strip().splitlines() or ["(no output)"]
-    if done.returncode == _REFUSED:
-        raise ModelConfigError(lines[-1])
-    log.error("the OpenVINO conversion failed:\n%s", "\n".join(lines[-30:]))
-    raise RuntimeError(f"the OpenVINO conversion failed (exit {done.returncode}): {lines[-1]}")
+from bge_trio.model.openvino import REFUSED
 
 
 def main(argv: list[str]) -> int:
@@ -63,7 +43,7 @@ def main(argv: list[str]) -> int:
         encoder = load_encoder(source, dtype="fp32", threads=args.threads)
     except ModelConfigError as exc:
         print(str(exc).replace("\n", " "), file=sys.stderr)
-        return _REFUSED
+        return REFUSED
     assert encoder.model is not None  # a torch encoder
     ov_backend.convert(
         encoder.model,

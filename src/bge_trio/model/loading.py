@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from bge_trio.model import conversion, heads
+from bge_trio.model import heads
 from bge_trio.model import openvino as ov_backend
 from bge_trio.model.encoder import Encoder, Kind, ModelConfigError, ModelInfo, Output
 from bge_trio.model.pooling import read_pooling
@@ -112,7 +112,7 @@ def compile_openvino(encoder: Encoder, target: OpenVinoTarget, threads: int) -> 
     if not ov_backend.converted(target.directory):
         target.on_step("converting the transformer to OpenVINO (once; cached for later starts)")
         started = time.perf_counter()
-        conversion.convert_in_child(
+        ov_backend.convert_in_child(
             info.source.path,
             target.directory,
             half_weights=info.dtype == "bf16",

@@ -43,6 +43,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bge_trio.model.encoder import BetweenLayers, Kind, PassAbandoned
+from bge_trio.model.encoder import BetweenLayers, Kind, ModelConfigError, PassAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ DONE_FILE = "done.json"  # written last: the directory is whole
 # BGE-M3) is reused by the same lane's next pass, so it is counted once, and it is well
 # under the memory headroom.
 RETAIN_TOKENS = 1024
+REFUSED = 2  # the conversion process's exit code for a checkpoint it cannot serve
 # How often the thread waiting for a pass asks whether anyone still waits for it.
 POLL_S = 0.05
 
@@ -152,6 +155,22 @@ def convert(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return time.perf_counter() - started
+
+
+def convert_in_child(model_dir: Path, directory: Path, *, half_weights: bool, threads: int) -> None:
+    """Convert ``model_dir`` into ``directory`` (see :func:`convert`) in a child process
+    (:mod:`.conversion`); raises :class:`ModelConfigError` with the child's reason when
+    the checkpoint cannot be served, ``RuntimeError`` when the conversion failed otherwise."""
+    command = [sys.executable, "-m", "bge_trio.model.conversion", str(model_dir), str(directory)]
+    command += ["--threads", str(threads), *(["--half-weights"] if half_weights else [])]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return
+    lines = done.stderr.strip().splitlines() or ["(no output)"]
+    if done.returncode == REFUSED:
+        raise ModelConfigError(lines[-1])
+    log.error("the OpenVINO conversion failed:\n%s", "\n".join(lines[-30:]))
+    raise RuntimeError(f"the OpenVINO conversion failed (exit {done.returncode}): {lines[-1]}")
 
 
 def converted(directory: Path) -> bool:
