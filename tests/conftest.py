@@ -25,6 +25,8 @@ from hypercorn.trio import serve
 from bge_trio.app import create_app
 from bge_trio.config import Settings
 from bge_trio.engine import Engine
+from bge_trio.engine.backend import openvino_directory
+from bge_trio.model import openvino as ov_backend
 from bge_trio.model.encoder import Encoder, ModelInfo
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
@@ -64,6 +66,39 @@ def tiny_encoder(tiny_model_dir: Path) -> Encoder:
 @pytest.fixture(scope="session")
 def bundled_source() -> ModelSource:
     return resolve_model("bundled")
+
+
+Conversions = Callable[[ModelSource, str], Path]
+
+
+@pytest.fixture(scope="session")
+def conversions(tmp_path_factory: pytest.TempPathFactory) -> Conversions:
+    """Each model's conversion in a dtype, made once for the test run (in its own process,
+    as a server makes it); a test that is not about converting starts from one of these
+    (see :func:`seed_openvino`)."""
+    root = tmp_path_factory.mktemp("openvino-conversions")
+    made: dict[tuple[Path, str], Path] = {}
+
+    def conversion(source: ModelSource, dtype: str) -> Path:
+        if (source.path, dtype) not in made:
+            directory = root / str(len(made))
+            ov_backend.convert_in_child(
+                source.path, directory, half_weights=dtype == "bf16", threads=2
+            )
+            made[source.path, dtype] = directory
+        return made[source.path, dtype]
+
+    return conversion
+
+
+def seed_openvino(conversion: Path, settings: Settings, source: ModelSource) -> Settings:
+    """``settings`` whose cache holds ``conversion`` where the server looks for it (hard
+    links: nothing is copied, and what a test writes beside them stays its own)."""
+    directory = openvino_directory(settings, source)
+    directory.mkdir(parents=True)
+    for path in conversion.iterdir():
+        os.link(path, directory / path.name)
+    return settings
 
 
 SettingsFactory = Callable[..., Settings]

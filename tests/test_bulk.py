@@ -95,6 +95,7 @@ def test_every_row_once_with_the_reference_vectors_and_bad_rows_named(
     meta = json.loads(pq.read_schema(next(out.glob("part-*.parquet"))).metadata[b"bge_trio"])
     assert meta["outputs"] == ["colbert", "dense", "sparse"]
     assert meta["dimension"] == len(expected[0].dense)
+    assert (meta["dtype"], meta["backend"]) == ("fp32", "torch")
 
 
 @pytest.mark.slow  # a bge-trio embed process, killed

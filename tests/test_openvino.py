@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,14 @@ from bge_trio.engine.backend import (
 )
 from bge_trio.engine.prepare import load_model, prepare
 from bge_trio.engine.state import Loading
+from bge_trio.memory.plan import synthetic_forward
 from bge_trio.model import openvino as ov_backend
-from bge_trio.model.encoder import Encoder, PassAbandoned
+from bge_trio.model.encoder import SCORE, Encoder, PassAbandoned
 from bge_trio.model.loading import OpenVinoTarget, load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.testing.processes import env_for
 from tests.command import RunHere
-from tests.conftest import running_server
+from tests.conftest import Conversions, running_server, seed_openvino
 from tests.encoders import loader_with
 from tests.reference import ReferenceM3
 
@@ -44,39 +45,6 @@ TEXTS = [
     "Trio structured concurrency keeps every task inside a nursery. " * 6,
     "naïve café 東京 — ünïcödé",
 ]
-
-
-Conversions = Callable[[ModelSource, str], Path]
-
-
-@pytest.fixture(scope="module")
-def conversions(tmp_path_factory: pytest.TempPathFactory) -> Conversions:
-    """Each model's conversion in a dtype, made once for the module (in its own process,
-    as a server makes it); a test that is not about converting starts from one of these
-    (see :func:`_seeded`)."""
-    root = tmp_path_factory.mktemp("openvino-conversions")
-    made: dict[tuple[Path, str], Path] = {}
-
-    def conversion(source: ModelSource, dtype: str) -> Path:
-        if (source.path, dtype) not in made:
-            directory = root / str(len(made))
-            ov_backend.convert_in_child(
-                source.path, directory, half_weights=dtype == "bf16", threads=2
-            )
-            made[source.path, dtype] = directory
-        return made[source.path, dtype]
-
-    return conversion
-
-
-def _seeded(conversion: Path, settings: Settings, source: ModelSource) -> Settings:
-    """``settings`` whose cache holds ``conversion`` where the server looks for it (hard
-    links: nothing is copied, and what a test writes beside them stays its own)."""
-    directory = openvino_directory(settings, source)
-    directory.mkdir(parents=True)
-    for path in conversion.iterdir():
-        os.link(path, directory / path.name)
-    return settings
 
 
 def _openvino(source: ModelSource, directory: Path, dtype: str, express: int = 0) -> Encoder:
@@ -154,30 +122,96 @@ def test_tiny_m3_outputs_equal_flag_embedding(
             assert weight == pytest.approx(ref.sparse[token], abs=2e-5)
 
 
-def test_the_conversion_is_cached_whole_and_reused(
+def _bert_cross_encoder(directory: Path, tokenizer_from: Path) -> Path:
+    """A tiny BERT-style cross-encoder (random weights): two token types, so a pair's
+    passes carry token type ids, which the converted model takes as a third input."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        type_vocab_size=2,
+        architectures=["BertForSequenceClassification"],
+    )
+    config.num_labels = 1
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # scores spread wider than rounding, and the types matter
+        torch.nn.init.normal_(model.classifier.weight, std=1.0)
+        torch.nn.init.normal_(model.bert.embeddings.token_type_embeddings.weight, std=1.0)
+    model.save_pretrained(str(directory))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_from / name, directory / name)
+    return directory
+
+
+def test_a_bert_cross_encoder_scores_pairs_as_on_torch(
+    bundled_source: ModelSource, tmp_path: Path, conversions: Conversions
+) -> None:
+    """A pair's token type ids reach the compiled model (the encoder knows its
+    architecture without the torch model): the logits equal torch fp32's."""
+    source = resolve_model(str(_bert_cross_encoder(tmp_path / "bert", bundled_source.path)))
+    on_torch = load_encoder(source, dtype="fp32", threads=2)
+    assert on_torch.has_segments
+    compiled = _openvino(source, conversions(source, "fp32"), "fp32")
+    assert compiled.has_segments
+    ids = on_torch.pair_ids("what do cats eat", ["cats eat fish", "dogs bark", "a long day"])
+    want = np.array([e.score for e in on_torch.forward(ids, SCORE)], dtype=float)
+    got = np.array([e.score for e in compiled.forward(ids, SCORE)], dtype=float)
+    assert len(set(want.tolist())) == 3
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_two_processes_starting_together_convert_once_and_reuse_the_cache(
     bundled_source: ModelSource, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The first load converts; a second compiles the cached files without converting (a
-    leftover half-written staging directory changes nothing); the cache is keyed by the
-    served dtype."""
+    """Two loads that find no conversion (sibling processes starting together: hypercorn
+    workers, Ray actors on a node) convert once: the second waits on the host-wide lock and
+    compiles the first one's files. A later load compiles the cached files without
+    converting (a leftover half-written staging directory changes nothing); the cache is
+    keyed by the served dtype."""
     settings = Settings(model="bundled", dtype="fp32", backend="openvino", cache_dir=tmp_path)
     directory = openvino_directory(settings, bundled_source)
-    steps: list[str] = []
-    with caplog.at_level(logging.INFO):
-        first = load_model(settings, bundled_source, threads=2, on_step=steps.append)
-    assert "converting" in steps[0]
-    assert "compiling" in steps[-1]
+    steps: list[list[str]] = [[], []]
+    waiting = [threading.Event(), threading.Event()]
+    loaded: list[Encoder] = []
+
+    def start(i: int) -> None:
+        def step(name: str) -> None:
+            steps[i].append(name)
+            waiting[i].set()
+
+        loaded.append(load_model(settings, bundled_source, threads=1, on_step=step))
+
+    with caplog.at_level(logging.INFO, logger="bge_trio"):
+        starts = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+        with ov_backend.conversion_lock(directory):  # held until both want to convert
+            for thread in starts:
+                thread.start()
+            assert all(event.wait(120) for event in waiting)
+        for thread in starts:
+            thread.join(300)
+    assert all("converting" in s[0] and "compiling" in s[-1] for s in steps)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if " to OpenVINO in " in m]) == 1
+    assert len([m for m in messages if "another process converted it" in m]) == 1
     assert ov_backend.converted(directory)
     written = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
     (directory.parent / f"{directory.name}.tmp-1").mkdir()  # a crashed conversion's leftover
-    steps.clear()
-    second = load_model(settings, bundled_source, threads=2, on_step=steps.append)
-    assert steps == ["compiling the OpenVINO model"]
+    later: list[str] = []
+    second = load_model(settings, bundled_source, threads=2, on_step=later.append)
+    assert later == ["compiling the OpenVINO model"]
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == written
     ids = second.tokenize(TEXTS)
-    np.testing.assert_array_equal(
-        [e.dense for e in first.forward(ids)], [e.dense for e in second.forward(ids)]
-    )
+    expected = [e.dense for e in second.forward(ids)]
+    for first in loaded:
+        np.testing.assert_array_equal([e.dense for e in first.forward(ids)], expected)
     assert openvino_directory(attrs.evolve(settings, dtype="bf16"), bundled_source) != directory
 
 
@@ -243,7 +277,7 @@ async def test_a_server_on_openvino_answers_short_queries_on_its_express_lane(
             long_running.set()
             release.wait(60)
 
-    settings = _seeded(
+    settings = seed_openvino(
         conversions(bundled_source, "fp32"),
         settings_for("bundled", backend="openvino", probe="auto"),
         bundled_source,
@@ -287,11 +321,21 @@ def test_a_probe_on_openvino_measures_openvino(
         cache_dir=tmp_path,
         memory_limit_bytes=3 << 30,
     )
-    _seeded(conversions(bundled_source, "fp32"), settings, bundled_source)
+    seed_openvino(conversions(bundled_source, "fp32"), settings, bundled_source)
     served = prepare(settings, bundled_source, threads=2, workers=1)
     assert served.memory.status == "complete", served.memory.detail
     assert served.memory.cache_key is not None
     assert served.memory.cache_key.fields["backend"].startswith("openvino ")
+    # its two-layer passes, scaled to full depth, are the first pace: a full-depth pass
+    # of the same shape takes about as long (a wrong depth is off by several times)
+    batch, seq, predicted = served.memory.pass_seconds[0]
+    forward = synthetic_forward(served.encoder)
+    took = []
+    for _ in range(2):
+        started = time.perf_counter()
+        forward(batch, seq)
+        took.append(time.perf_counter() - started)
+    assert 0.5 < predicted / min(took) < 2.0, (predicted, took)
     on_torch = prepare(
         attrs.evolve(settings, backend="torch"), bundled_source, threads=2, workers=1
     )
@@ -310,7 +354,7 @@ def test_auto_measures_once_and_keeps_its_choice(
         cache_dir=tmp_path,
         memory_limit_bytes=8 << 30,
     )
-    _seeded(conversions(bundled_source, "fp32"), settings, bundled_source)
+    seed_openvino(conversions(bundled_source, "fp32"), settings, bundled_source)
     first = load_model(settings, bundled_source, threads=2)
     choice_file = openvino_directory(settings, bundled_source) / CHOICE_FILE
     choice = json.loads(choice_file.read_text())
@@ -373,7 +417,7 @@ def test_bulk_embed_on_openvino_gives_the_reference_outputs(
     the conversion from its cache)."""
     tiny = resolve_model(str(tiny_model_dir))
     settings = Settings(model=str(tiny_model_dir), dtype="fp32", cache_dir=tmp_path / "cache")
-    _seeded(conversions(tiny, "fp32"), settings, tiny)
+    seed_openvino(conversions(tiny, "fp32"), settings, tiny)
     texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(9)]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
@@ -384,6 +428,8 @@ def test_bulk_embed_on_openvino_gives_the_reference_outputs(
         ran = bge_trio_here(command, env)
     assert ran.code == 0, ran.stderr
     assert "(backend openvino," in caplog.text
+    meta = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata
+    assert json.loads(meta[b"bge_trio"])["backend"] == "openvino"
     rows = sorted(
         pq.ParquetDataset(str(tmp_path / "out")).read().to_pylist(), key=lambda r: r["id"]
     )

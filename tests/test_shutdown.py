@@ -21,8 +21,10 @@ import httpx
 import pytest
 import trio
 
+from bge_trio.config import Settings
+from bge_trio.model.source import ModelSource
 from bge_trio.testing.processes import HYPERCORN, Served, bge_trio, env_for, serving
-from tests.conftest import Server, running_server
+from tests.conftest import Conversions, Server, running_server, seed_openvino
 from tests.test_gate import ControllableProbe
 
 pytestmark = pytest.mark.slow  # server processes, signalled
@@ -177,7 +179,13 @@ def test_two_hypercorn_workers_answer_every_request_on_a_group_sigterm(
     _assert_every_request_answered(answers, signalled)
 
 
-def test_bge_trio_serve_answers_every_request_on_sigterm(tmp_path: Path, probe_cache: Path) -> None:
+def test_bge_trio_serve_on_openvino_answers_every_request_on_sigterm(
+    tmp_path: Path, probe_cache: Path, bundled_source: ModelSource, conversions: Conversions
+) -> None:
+    """On OpenVINO, whose passes run to their end once started (no stop between layers),
+    the drain answers every request as on torch (the other servers here)."""
+    env = {**_env(tmp_path, probe_cache), "BGE_TRIO_BACKEND": "openvino"}
+    seed_openvino(conversions(bundled_source, "fp32"), Settings.from_env(env), bundled_source)
     command = [
         *bge_trio(),
         "serve",
@@ -188,7 +196,8 @@ def test_bge_trio_serve_answers_every_request_on_sigterm(tmp_path: Path, probe_c
         "--graceful-timeout",
         str(GRACEFUL_S),
     ]
-    with serving(command, _env(tmp_path, probe_cache)) as server:
+    with serving(command, env) as server:
+        assert httpx.get(f"{server.url}/info").json()["backend"] == "openvino"
         answers, signalled = _stop_under_load(server, _parent_only)
     _assert_every_request_answered(answers, signalled)
 

@@ -98,6 +98,7 @@ def describe(embedder: BulkEmbedder, settings: Settings) -> tuple[dict[str, Any]
         {
             "dimension": info.dimension,
             "dtype": info.dtype,
+            "backend": info.backend,
             "max_seq_length": info.max_seq_length,
             "pooling": info.pooling,
         },

@@ -98,7 +98,7 @@ def load_encoder(
         dtype_reason=reason,
         kind=kind,
     )
-    encoder = Encoder(tokenizer, model, info, sparse_linear, colbert_linear)
+    encoder = Encoder(tokenizer, model, info, sparse_linear, colbert_linear, config=config)
     if openvino is None:
         return encoder
     return compile_openvino(encoder, openvino, threads or torch.get_num_threads())
@@ -112,14 +112,16 @@ def compile_openvino(encoder: Encoder, target: OpenVinoTarget, threads: int) -> 
     if not ov_backend.converted(target.directory):
         target.on_step("converting the transformer to OpenVINO (once; cached for later starts)")
         started = time.perf_counter()
-        ov_backend.convert_in_child(
+        if ov_backend.convert_once(
             info.source.path,
             target.directory,
             half_weights=info.dtype == "bf16",
             threads=threads,
-        )
-        seconds = time.perf_counter() - started
-        log.info("converted %s to OpenVINO in %.1fs: %s", info.name, seconds, target.directory)
+        ):
+            seconds = time.perf_counter() - started
+            log.info("converted %s to OpenVINO in %.1fs: %s", info.name, seconds, target.directory)
+        else:
+            log.info("%s: another process converted it to OpenVINO", info.name)
     target.on_step("compiling the OpenVINO model")
     compiled = ov_backend.OpenVinoTransformer(
         target.directory,

@@ -16,7 +16,9 @@ What OpenVINO does differently, and what this module does about it:
   process of its own (:mod:`.conversion`: what it holds is handed back when it exits). The
   result is cached on disk beside the probe cache, keyed like it, and written whole (a
   directory renamed into place): a restart compiles the cached model and never loads the
-  torch weights. A two-layer copy is converted with it, for the memory probe.
+  torch weights. A two-layer copy is converted with it, for the memory probe. One
+  process on the host converts at a time (a file lock, as the probe has): sibling
+  processes that start together wait for its files instead of converting beside it.
 - **One pass at a time per compiled model.** A compiled model with one stream runs its
   requests one after another, and one stream's threads are fixed when it is compiled. So
   the regular lane has its own compiled model with every core, and the express lane a
@@ -39,6 +41,7 @@ What OpenVINO does differently, and what this module does about it:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -155,6 +158,33 @@ def convert(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def conversion_lock(directory: Path) -> Iterator[None]:
+    """Hold the host-wide lock on converting into ``directory`` (blocks: call from a
+    worker thread). Sibling processes (hypercorn workers, Ray actors on one node) start
+    together; each conversion holds the fp32 model and its trace (several GB for BGE-M3),
+    so one converts and the others wait for its files instead of converting beside it."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with directory.with_name(f"{directory.name}.lock").open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def convert_once(model_dir: Path, directory: Path, *, half_weights: bool, threads: int) -> bool:
+    """Convert ``model_dir`` into ``directory`` unless it is converted already, by this
+    process or a sibling (see :func:`conversion_lock`); whether this call converted."""
+    if converted(directory):
+        return False
+    with conversion_lock(directory):
+        if converted(directory):  # a sibling converted while this one waited
+            return False
+        convert_in_child(model_dir, directory, half_weights=half_weights, threads=threads)
+    return True
 
 
 def convert_in_child(model_dir: Path, directory: Path, *, half_weights: bool, threads: int) -> None:
