@@ -16,7 +16,13 @@ otherwise:
   sums over a 1 GiB tensor with the server's threads);
 - **c16 x 256**: tokens per second with 16 clients, one 256-token text per request;
 - **one 2048-token text** (MiniLM: its longest, 256): tokens per second of one text alone;
-- **quality**: dense cosine to the torch fp32 server's vectors over 64 corpus texts.
+- **quality**: dense cosine to the torch fp32 server's vectors over 64 corpus texts;
+- **where a short query's time goes** (OpenVINO): the compiled model alone, in this
+  process, on passes of 1, 14 (the 12-token query with its two special tokens) and 64
+  tokens. One token reads every weight and does little else: its time against the floor
+  says how close the kernels come to the memory bandwidth. 64 tokens are bound by
+  arithmetic: their rate (2 x non-embedding parameters x tokens per second) gives the
+  14-token pass's compute floor, and a pass costs at least the larger of the two floors.
 
 Writes ``docs/results/backends.json``, its plot, and its table into docs/performance.md.
 """
@@ -45,6 +51,9 @@ from bge_trio.model.loading import bf16_supported
 from bge_trio.model.source import resolve_model
 
 QUERY_TOKENS = 12
+# passes the compiled model alone is timed on: one token, the query with its two special
+# tokens, and enough tokens to be bound by arithmetic rather than by reading the weights
+PROFILE_TOKENS = (1, QUERY_TOKENS + 2, 64)
 
 
 def configurations(native_bf16: bool) -> list[tuple[str, str]]:
@@ -109,6 +118,41 @@ async def measure(url: str, seconds: float, corpus: list[str]) -> dict[str, Any]
     }
 
 
+def compiled_profile(model: str, dtype: str, cache: Path, threads: int) -> dict[str, Any]:
+    """The server's converted model, compiled in this process as the server compiles it:
+    the p50 of a pass of each of :data:`PROFILE_TOKENS` tokens (one text), in ms, and the
+    arithmetic rate the longest reaches."""
+    from bge_trio.config import Settings
+    from bge_trio.engine.backend import openvino_directory
+    from bge_trio.model.openvino import OpenVinoTransformer
+
+    settings = Settings.from_env(
+        {"BGE_TRIO_DTYPE": dtype, "BGE_TRIO_BACKEND": "openvino", "BGE_TRIO_CACHE_DIR": str(cache)}
+    )
+    source = resolve_model(model)
+    compiled = OpenVinoTransformer(
+        openvino_directory(settings, source), threads=threads, express_threads=0, dtype=dtype
+    )
+    params = floor_bytes(Path(source.path), "fp32") // 4
+    pass_ms = {}
+    for tokens in PROFILE_TOKENS:
+        ids = torch.tensor([ids_of(tokens)])
+        inputs = [ids, torch.ones_like(ids)]
+        times = []
+        for _ in range(12):
+            started = time.perf_counter()
+            compiled.run(inputs, None, express=False)
+            times.append(time.perf_counter() - started)
+        pass_ms[str(tokens)] = statistics.median(times[2:]) * 1000
+    longest = PROFILE_TOKENS[-1]
+    rate = 2 * params * longest / (pass_ms[str(longest)] / 1000)
+    return {
+        "pass_ms": pass_ms,
+        "gflop_per_s": rate / 1e9,
+        "query_compute_floor_ms": 2 * params * (QUERY_TOKENS + 2) / rate * 1000,
+    }
+
+
 def run_model(name: str, model: str, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     rows = []
     corpus = [r["text"] for r in load_corpus()[:64]]
@@ -133,6 +177,8 @@ def run_model(name: str, model: str, args: argparse.Namespace, cache: Path) -> d
         )
         row = {"backend": backend, "dtype": dtype, "cold_start_s": cold[0], "restart_s": cold[1]}
         row |= got | {"cosine_min": float(cosines.min())}
+        if backend == "openvino":  # with the server stopped: the cores are this process's
+            row["compiled"] = compiled_profile(model, dtype, cache, cpu_count())
         rows.append(row)
         print(name, row, flush=True)
     return {"model": name, "rows": rows}
@@ -159,7 +205,36 @@ def table(report: dict[str, Any]) -> str:
                 f"{r['cosine_min']:.6f} | "
                 f"{r['cold_start_s']:.1f} ({r['restart_s']:.1f}) |"
             )
+    lines += _profile_table(report)
     return "\n".join(lines) + "\n"
+
+
+def _profile_table(report: dict[str, Any]) -> list[str]:
+    """Where a short query's time goes on OpenVINO (see the module docstring)."""
+    rows = [(model, r) for model in report["models"] for r in model["rows"] if "compiled" in r]
+    if not rows:
+        return []
+    short = str(QUERY_TOKENS + 2)
+    lines = [
+        "",
+        "Where a 12-token query's time goes on OpenVINO: the compiled model alone, one pass of "
+        "1, 14 and 64 tokens (p50 ms), the arithmetic rate of the 64-token pass, and the two "
+        "floors of a 14-token pass: reading the weights, and its arithmetic at that rate.",
+        "",
+        "| model | dtype | 1 token | 14 tokens | 64 tokens | GFLOP/s at 64 "
+        "| floor: weights | floor: arithmetic | through the server |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model, r in rows:
+        c = r["compiled"]
+        ms = c["pass_ms"]
+        lines.append(
+            f"| {model['model']} | {r['dtype']} | {ms['1']:.1f} | {ms[short]:.1f} | "
+            f"{ms[str(PROFILE_TOKENS[-1])]:.1f} | {c['gflop_per_s']:.0f} | "
+            f"{model['floor_ms'][r['dtype']]:.1f} | {c['query_compute_floor_ms']:.1f} | "
+            f"{r['short_p50_ms']:.1f} |"
+        )
+    return lines
 
 
 def plot(report: dict[str, Any]) -> None:
