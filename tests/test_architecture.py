@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "bge_trio"
 
 # Lower layers never import higher ones; a layer may import its own modules.
 LAYERS = [
-    {"__init__", "errors", "config", "logs", "cgroups", "metrics"},
+    {"__init__", "errors", "config", "logs", "cgroups", "metrics", "locks"},
     {"model"},
     {"memory", "process", "scoring"},
     {"scheduler"},

@@ -11,7 +11,6 @@ while its siblings wait and then reuse the result.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ from typing import Any
 
 import attrs
 
+from bge_trio.locks import held
 from bge_trio.memory.cost import CostModel, Point
 from bge_trio.model.source import ModelSource
 
@@ -163,11 +163,5 @@ class ProbeCache:
     @contextlib.contextmanager
     def probe_lock(self, key: CacheKey) -> Iterator[None]:
         """Hold the host-wide lock for this key (blocks; call from a worker thread)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lock_path = self.directory / f"probe-{key.digest}.lock"
-        with lock_path.open("a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with held(self.directory / f"probe-{key.digest}.lock"):
+            yield

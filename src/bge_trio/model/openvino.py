@@ -41,7 +41,6 @@ What OpenVINO does differently, and what this module does about it:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bge_trio.locks import held
 from bge_trio.model.encoder import BetweenLayers, Kind, ModelConfigError, PassAbandoned
 
 log = logging.getLogger(__name__)
@@ -166,13 +166,8 @@ def conversion_lock(directory: Path) -> Iterator[None]:
     worker thread). Sibling processes (hypercorn workers, Ray actors on one node) start
     together; each conversion holds the fp32 model and its trace (several GB for BGE-M3),
     so one converts and the others wait for its files instead of converting beside it."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with directory.with_name(f"{directory.name}.lock").open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with held(directory.with_name(f"{directory.name}.lock")):
+        yield
 
 
 def convert_once(model_dir: Path, directory: Path, *, half_weights: bool, threads: int) -> bool:
