@@ -8,6 +8,7 @@ that wheel; uv would not.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,9 +29,16 @@ def _install(session: nox.Session, extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite: real models, real servers on 127.0.0.1."""
+    """The test suite: real models, real servers on 127.0.0.1.
+
+    Two runs: everything but the tests marked ``alone`` on one worker per core (at most
+    six), then those on their own. Arguments go to both (``-- -m "not slow"``: the fast tier).
+    """
     _install(session, "test")
-    session.run("pytest", *session.posargs)
+    workers = str(min(len(os.sched_getaffinity(0)), 6))
+    session.run("pytest", "-n", workers, "--dist", "worksteal", "--alone=skip", *session.posargs)
+    # exit 5: nothing marked alone was selected (e.g. -k matched none of them)
+    session.run("pytest", "--alone=only", *session.posargs, success_codes=[0, 5])
 
 
 @nox.session

@@ -6,6 +6,7 @@ The server runs hypercorn's trio worker in the test's own trio run, bound to
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -75,18 +76,20 @@ Conversions = Callable[[ModelSource, str], Path]
 def conversions(tmp_path_factory: pytest.TempPathFactory) -> Conversions:
     """Each model's conversion in a dtype, made once for the test run (in its own process,
     as a server makes it); a test that is not about converting starts from one of these
-    (see :func:`seed_openvino`)."""
-    root = tmp_path_factory.mktemp("openvino-conversions")
-    made: dict[tuple[Path, str], Path] = {}
+    (see :func:`seed_openvino`). Parallel workers share one directory: the first to ask
+    converts and the others wait for its files, as sibling servers do
+    (:func:`bge_trio.model.openvino.convert_once`)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the run's directory, above each worker's
+        root = tmp_path_factory.getbasetemp().parent / "openvino-conversions"
+    else:
+        root = tmp_path_factory.mktemp("openvino-conversions")
+    root.mkdir(exist_ok=True)
 
     def conversion(source: ModelSource, dtype: str) -> Path:
-        if (source.path, dtype) not in made:
-            directory = root / str(len(made))
-            ov_backend.convert_in_child(
-                source.path, directory, half_weights=dtype == "bf16", threads=2
-            )
-            made[source.path, dtype] = directory
-        return made[source.path, dtype]
+        key = hashlib.sha256(f"{source.path.resolve()} {dtype}".encode()).hexdigest()[:16]
+        directory = root / key
+        ov_backend.convert_once(source.path, directory, half_weights=dtype == "bf16", threads=2)
+        return directory
 
     return conversion
 
@@ -213,3 +216,27 @@ def memory_cgroup() -> Iterator[Path]:
 def bge_trio_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> RunHere:
     """``bge-trio`` in this process (tests/command.py): its exit code and output."""
     return partial(run_here, monkeypatch=monkeypatch, capsys=capsys)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--alone",
+        choices=("skip", "only", "run"),
+        default="run",
+        help="tests marked alone: leave them out (a parallel run), run only them, or run them "
+        "with the rest (the default)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--alone`` selects by the ``alone`` marker; then slow tests first (in their modules'
+    order): on several workers (``-n``) the long ones start early instead of leaving one
+    worker busy at the end."""
+    mode = config.getoption("alone")
+    if mode != "run":
+        keep = [
+            item for item in items if (item.get_closest_marker("alone") is None) == (mode == "skip")
+        ]
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -31,6 +31,7 @@ TOKENS = 500  # token ids per text, so every text is exactly this long
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_requests_from_the_first_second_are_answered_or_refused_at_once(tmp_path: Path) -> None:
     """With two workers the first pace is timed at startup on both at once, whether the
     probe ran or not (engine/startup.py): one server, with the default probe, is the
@@ -77,6 +78,7 @@ def test_requests_from_the_first_second_are_answered_or_refused_at_once(tmp_path
             assert seconds < DEADLINE_S / 4, (status, seconds, code)
 
 
+@pytest.mark.alone
 async def test_the_pace_is_known_when_the_server_is_ready_without_a_probe(
     tiny_model_dir: Path, settings_for: SettingsFactory
 ) -> None:
@@ -180,6 +182,7 @@ async def test_past_the_queue_s_token_bound_a_request_is_429_over_http(
         assert sorted(len(r.json()["data"]) for r in answers) == [1, 2]
 
 
+@pytest.mark.alone
 async def test_the_probe_s_timed_passes_are_the_first_pace(
     tiny_model_dir: Path, settings_for: SettingsFactory
 ) -> None:
