@@ -234,9 +234,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     worker busy at the end."""
     mode = config.getoption("alone")
     if mode != "run":
-        keep = [
-            item for item in items if (item.get_closest_marker("alone") is None) == (mode == "skip")
-        ]
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        keep: list[pytest.Item] = []
+        left: list[pytest.Item] = []
+        for item in items:
+            alone = item.get_closest_marker("alone") is not None
+            (keep if alone == (mode == "only") else left).append(item)
+        config.hook.pytest_deselected(items=left)
         items[:] = keep
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
