@@ -175,7 +175,10 @@ print(json.dumps({"status": plan.status, "dtype": encoder.info.dtype,
 """
 
 
+# alone: beside another test's process, the probe's peaks and the held-out ones were seen
+# to part by 14 % (bf16, 30 x 512 on a CPU with AMX) where alone they agree within 10 %
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_probe_predicts_held_out_passes(dtype: str, tmp_path: Path) -> None:
     """Passes of shapes the probe never ran, each of at least 5 % of the workspace, peak
