@@ -209,11 +209,13 @@ async def test_a_pass_nobody_waits_for_stops_at_the_next_layer(tiny_encoder: Enc
             async def give_up() -> None:
                 await trio.to_thread.run_sync(model.long_started.wait)
                 request.cancel()
-                model.let_go()
 
             nursery.start_soon(give_up)
             await scheduler.submit([_text(LONG)], DENSE)
-        await trio.to_thread.run_sync(model.stopped.wait)
+        # only now, with the request's cancellation recorded, may the pass go on: let go
+        # earlier and it can finish its layers before anyone sees that nobody waits
+        model.let_go()
+        assert await trio.to_thread.run_sync(model.stopped.wait, 30)
         assert model.layers_run == [1]  # the first layer was under way; no other ran
         (after,) = (await scheduler.submit([_text(LONG, 2)], DENSE)).results  # the worker is free
         assert after.dense is not None
