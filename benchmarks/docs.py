@@ -10,9 +10,11 @@ them, between two markers: ``<!-- NAME: written by ... -->`` opens a block and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+MIB = 1 << 20
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 RESULTS = DOCS / "results"
 
@@ -44,3 +46,14 @@ def write_block(document: str, name: str, text: str) -> None:
     doc = path.read_text()
     start, end = block(doc, name)
     path.write_text(doc[:start] + text + doc[end:])
+
+
+def markdown_table(caption: str, header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """A caption, then a markdown table of ``header`` and ``rows``, then a blank line."""
+    lines = [caption, "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}"]
+    return [*lines, *(f"| {' | '.join(row)} |" for row in rows), ""]
+
+
+def mib(value: float) -> str:
+    """Bytes as MiB with one decimal, the tables' unit for memory."""
+    return f"{value / MIB:.1f}"

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from benchmarks.docs import DOCS, RESULTS, block, load_result
 
-# block name: (document, data file in docs/results, module whose ``table`` generates it)
+# block name: (document, data file in docs/results, the benchmarks.reports module whose
+# ``table`` generates it)
 GENERATED: dict[str, tuple[str, str, str]] = {
     "performance-table": ("performance.md", "performance", "load"),
     "fairness-table": ("performance.md", "fairness", "fairness"),
@@ -34,7 +35,9 @@ GENERATED: dict[str, tuple[str, str, str]] = {
 @pytest.mark.parametrize("name", sorted(GENERATED))
 def test_every_generated_table_is_what_its_data_file_generates(name: str) -> None:
     document, data, module = GENERATED[name]
-    table: Callable[[dict[str, Any]], str] = importlib.import_module(f"benchmarks.{module}").table
+    table: Callable[[dict[str, Any]], str] = importlib.import_module(
+        f"benchmarks.reports.{module}"
+    ).table
     doc = (DOCS / document).read_text()
     start, end = block(doc, name)
     assert doc[start:end] == table(load_result(data)), f"{document}: {name} differs from {data}"
