@@ -89,26 +89,35 @@ def test_serve_finishes_in_flight_requests_on_sigterm_and_exits_zero(
 
         def client() -> None:
             body = {"input": [text] * 48}
-            r = httpx.post(server.url + "/v1/colbert-embeddings", json=body, timeout=120)
+            r = httpx.post(server.url + "/v1/embeddings", json=body, timeout=120)
             results.append((r.status_code, time.monotonic()))
 
         threads = [threading.Thread(target=client) for _ in range(8)]
         for t in threads:
             t.start()
-        # until every request is in the server's hands (most queued behind one worker): one
-        # that arrives after the signal is new work, refused
+        # until every request is in the server's hands (one that arrives after the signal is
+        # new work, refused) and texts wait in its queue for a pass
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             health = httpx.get(server.url + "/health").json()
-            if health.get("requests_in_flight", 0) + len(results) >= 8:
+            arrived = health.get("requests_in_flight", 0) + len(results) >= 8
+            if arrived and health.get("queued_items", 0) > 0:
                 break
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=120)
         assert server.process.wait(timeout=60) == 0
+        log = "".join(server.stderr)
     assert [status for status, _ in results] == [200] * 8
-    assert max(done for _, done in results) > signalled  # some were in flight at SIGTERM
+    # texts were queued when the signal came, and the drain ran them (an immediate 503
+    # would have answered them): none was refused
+    assert health["queued_items"] > 0
+    assert max(done for _, done in results) > signalled
+    drained = re.search(r"of (\d+) in flight, (\d+) could not finish", log)
+    assert drained is not None, log
+    assert int(drained.group(1)) >= 1, drained.group(0)
+    assert drained.group(2) == "0", drained.group(0)
 
 
 def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -63,13 +64,17 @@ async def test_flood_sheds_load_without_errors(tiny_model_dir: Path, settings_fo
     settings = settings_for(tiny_model_dir, max_queue_items=16)
     async with running_server(settings) as server:
         answers: list[httpx.Response] = []
-        text = "the quick brown fox jumps over the lazy dog " * 10
+        texts = [
+            f"text {i}: " + "the quick brown fox jumps over the lazy dog " * 10 for i in range(8)
+        ]
+        expected = []  # each text's vector, asked alone before the flood
+        for text in texts:
+            alone = await server.client.post("/v1/embeddings", json={"input": text})
+            expected.append(alone.json()["data"][0]["embedding"])
 
         async def client() -> None:
             for _ in range(4):
-                answers.append(
-                    await server.client.post("/v1/embeddings", json={"input": [text] * 8})
-                )
+                answers.append(await server.client.post("/v1/embeddings", json={"input": texts}))
 
         async with trio.open_nursery() as nursery:
             for _ in range(16):
@@ -80,8 +85,11 @@ async def test_flood_sheds_load_without_errors(tiny_model_dir: Path, settings_fo
         assert 200 in statuses
         assert 429 in statuses
         for r in answers:
-            if r.status_code == 200:  # answered in full
-                assert len(r.json()["data"]) == 8
+            if r.status_code == 200:  # answered in full: every text's own vector, in order
+                data = r.json()["data"]
+                assert [item["index"] for item in data] == list(range(8))
+                got = [item["embedding"] for item in data]
+                np.testing.assert_allclose(got, expected, atol=1e-5)
             else:  # refused whole, in the client's shape, with when to come back
                 assert r.json()["error"]["code"] == "queue_full"
                 assert int(r.headers["retry-after"]) >= 1

@@ -96,10 +96,12 @@ def _text(length: int, seed: int = 0) -> list[int]:
     return [0, *rng.integers(5, 100, size=length - 2).tolist(), 2]
 
 
-def _scheduler(model: LayeredModel, express_tokens: int = 16, **kwargs: float) -> Scheduler:
+def _scheduler(
+    model: LayeredModel, express_tokens: int = 16, policy: BatchPolicy = POLICY, **kwargs: float
+) -> Scheduler:
     scheduler = Scheduler(
         model,
-        POLICY,
+        policy,
         lanes=plan_lanes(2, None, express_tokens=express_tokens),
         batch_wait_s=0.0,
         threads=model.record_threads,
@@ -251,23 +253,28 @@ async def test_a_short_query_is_not_refused_for_the_long_work_queued(
     tiny_encoder: Encoder,
 ) -> None:
     model = LayeredModel(tiny_encoder)
-    scheduler = _scheduler(model, max_wait_s=2.4)
+    # passes of at most 801 tokens, 0.5 s each and more per token: the two queued texts
+    # fill one pass, and a short text on the regular lane would need a pass of its own
+    policy = BatchPolicy(CostModel(1.0, 0.0), 10_000.0, max_batch_tokens=801)
+    scheduler = _scheduler(model, policy=policy, max_wait_s=3.9)  # admits up to 2.925 s
     scheduler.seed_pace(
-        (b, s, 0.01 + b * s * (0.001 + 1e-6 * s)) for b, s in [(1, 40), (4, 100), (1, 800)] * 4
+        (b, s, 0.5 + b * s * (0.001 + 1e-6 * s)) for b, s in [(1, 40), (4, 100), (1, 800)] * 4
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
-        nursery.start_soon(scheduler.submit, [_text(400)], DENSE)
+        nursery.start_soon(scheduler.submit, [_text(400)], DENSE)  # runs ~1.06 s
         await trio.to_thread.run_sync(model.long_started.wait)
-        for seed in range(1, 3):  # ~0.57 s each at the seeded pace
+        for seed in range(1, 3):  # expected to end 2.1 and 2.7 s from now: admitted
             nursery.start_soon(scheduler.submit, [_text(400, seed)], DENSE)
         await trio.testing.wait_all_tasks_blocked()
         assert scheduler.statistics().queued_items == 2
-        # the running pass, two queued and itself: ~2.2 s, past 75 % of the 2.4 s deadline
+        # the running pass, two queued and itself: 3.7 s, past 75 % of the deadline
         with pytest.raises(Overloaded) as full:
             await scheduler.submit([_text(400, 9)], DENSE)
         assert full.value.retry_after_s >= 1
-        (short,) = (await scheduler.submit([_text(SHORT)], DENSE)).results  # the express lane
+        # behind the long work a short text would end 3.2 s from now, past 75 % too; on
+        # the express lane it waits for no long pass and is admitted
+        (short,) = (await scheduler.submit([_text(SHORT)], DENSE)).results
         assert short.dense is not None
         model.let_go()
         nursery.cancel_scope.cancel()

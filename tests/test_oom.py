@@ -32,6 +32,9 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         BGE_TRIO_PROBE="auto",
         BGE_TRIO_MEMORY_HEADROOM_BYTES=str(128 << 20),
         BGE_TRIO_MAX_QUEUE_ITEMS="512",
+        # no token cap of its own (the default, 1,024 tokens, is four of these texts): the
+        # memory budget alone sizes the batches
+        BGE_TRIO_MAX_BATCH_TOKENS=str(1 << 24),
         # a deadline that admits the whole burst: every request is answered in full
         BGE_TRIO_REQUEST_TIMEOUT_S="600",
         BGE_TRIO_BACKEND=backend,
@@ -49,8 +52,9 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
             with httpx.Client(base_url=url, timeout=600) as http:
                 answers.append(http.post("/v1/embeddings", json={"input": [text] * 48}))
 
-        # 144 texts at once: more than two batches at the budget (about 67 texts here)
-        threads = [threading.Thread(target=client) for _ in range(3)]
+        # 288 texts at once: about six batches at the budget (about 50 texts here); in
+        # one pass they would need more than the whole limit
+        threads = [threading.Thread(target=client) for _ in range(6)]
         for t in threads:
             t.start()
         for t in threads:
@@ -59,10 +63,10 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         assert httpx.get(url + "/health").status_code == 200
     _assert_never_killed(memory_cgroup)
     _assert_never_at_the_limit(memory_cgroup)
-    assert [r.status_code for r in answers] == [200] * 3
+    assert [r.status_code for r in answers] == [200] * 6
     # one text, cut alike in every batch: one vector, whatever batch it was in
     vectors = np.array([item["embedding"] for r in answers for item in r.json()["data"]])
-    assert vectors.shape == (3 * 48, 384)
+    assert vectors.shape == (6 * 48, 384)
     np.testing.assert_allclose(vectors, np.broadcast_to(vectors[0], vectors.shape), atol=1e-5)
 
 
