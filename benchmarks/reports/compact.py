@@ -37,7 +37,8 @@ def table(result: dict[str, Any]) -> str:
             "",
             f"One {doc['tokens']}-token document, {doc['model']}, every output "
             f"({doc['colbert_vectors']} ColBERT vectors): forward pass {doc['forward_s']:.0f} s "
-            f"(fp32, {result['setup']['cpus']} CPUs); the response body of /v1/embeddings:",
+            f"(fp32, {result['setup']['cpus']} CPUs, {result['setup']['machine']}); "
+            "the response body of /v1/embeddings:",
             "",
             "| encoding | response bytes | vs float | build and serialise |",
             "| --- | --- | --- | --- |",
