@@ -20,7 +20,9 @@ import sys
 
 from benchmarks.docs import load_result, save_result
 from benchmarks.harness import cpu_name
-from benchmarks.reports.batching import ALLOCATORS, table, write_tables
+from benchmarks.reports.batching import table, write_tables
+
+ALLOCATORS = ("predictable", "fast")
 
 
 def measure(model: str, allocator: str, caps: list[int], repeats: int) -> dict[str, list[float]]:

@@ -26,13 +26,14 @@ import trio
 from benchmarks.docs import load_result, save_result
 from benchmarks.harness import Server, drive, http_floor, load_corpus, machine
 from benchmarks.inprocess import averaged, ideal, quality, raw_query_latency
-from benchmarks.reports.load import SHAPES, plot, row, table, write_tables
+from benchmarks.reports.load import plot, row, table, write_tables
 from bge_trio.cgroups import cpu_count
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import resolve_model
 from bge_trio.process import prepare_process
 
 CONCURRENCY = (1, 4, 16, 64)
+SHAPES = (1, 32)  # texts per request
 
 
 def main() -> None:

@@ -6,8 +6,6 @@ from typing import Any
 
 from benchmarks.docs import result_path, write_block
 
-SHAPES = (1, 32)  # texts per request, as the load benchmark sends them
-
 
 def write_tables(report: dict[str, Any]) -> None:
     """The table, in docs/performance.md."""
@@ -106,7 +104,7 @@ def plot(report: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for shape in SHAPES:
+    for shape in sorted({r["texts_per_request"] for r in report["scenarios"]}):
         rows = [r for r in report["scenarios"] if r["texts_per_request"] == shape]
         x = [r["concurrency"] for r in rows]
         left.plot(
