@@ -229,9 +229,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``--alone`` selects by the ``alone`` marker; then slow tests first (in their modules'
-    order): on several workers (``-n``) the long ones start early instead of leaving one
-    worker busy at the end."""
+    """``--alone`` selects by the ``alone`` marker; then the heavy tests first, the other
+    slow ones next (each in their modules' order), dealt out to the workers of a parallel
+    run (``-n``): each worker starts with its share of the long ones, and the short ones
+    fill in at the end, instead of one worker busy with a long one while the other waits."""
     mode = config.getoption("alone")
     if mode != "run":
         keep: list[pytest.Item] = []
@@ -241,4 +242,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             (keep if alone == (mode == "only") else left).append(item)
         config.hook.pytest_deselected(items=left)
         items[:] = keep
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    items.sort(key=_weight)
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    items[:] = _dealt(items, workers)
+
+
+def _dealt(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """``items`` dealt round-robin into one pile per worker, the piles one after another:
+    pytest-xdist's ``worksteal`` hands each worker one contiguous share of the list (the
+    piles' sizes are its shares'), and moves work between them only once one runs dry."""
+    return [item for pile in range(workers) for item in items[pile::workers]]
+
+
+def _weight(item: pytest.Item) -> int:
+    if item.get_closest_marker("heavy") is not None:
+        return 0
+    return 1 if item.get_closest_marker("slow") is not None else 2

@@ -120,6 +120,7 @@ def test_serve_finishes_in_flight_requests_on_sigterm_and_exits_zero(
     assert drained.group(2) == "0", drained.group(0)
 
 
+@pytest.mark.heavy
 def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A scrape of either process counts the requests both served (each process's own
     count is read from its file, so the test knows both served some)."""

@@ -32,6 +32,7 @@ MAX_EXAMPLES = 60
 MAX_TIME_S = 30
 
 
+@pytest.mark.heavy
 def test_every_response_conforms_to_the_openapi_document(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -62,6 +62,7 @@ def _by_id(table: pa.Table) -> dict[Any, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_s3_in_and_out_equals_local_files_and_resumes_there(
     tmp_path: Path,
     s3_env: dict[str, str],

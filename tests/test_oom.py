@@ -18,6 +18,7 @@ from tests.conftest import MEMORY_CGROUP_LIMIT
 pytestmark = pytest.mark.slow  # servers in a real memory cgroup
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("backend", ["torch", "openvino"])
 def test_hammered_with_max_length_batches_inside_a_memory_limit(
     backend: str, memory_cgroup: Path, tmp_path: Path
@@ -73,6 +74,7 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
     np.testing.assert_allclose(vectors, np.broadcast_to(vectors[0], vectors.shape), atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_an_embedder_and_a_reranker_in_one_hypercorn_process_inside_a_memory_limit(
     memory_cgroup: Path, tmp_path: Path
 ) -> None:

@@ -81,6 +81,7 @@ def _dense(encoder: Encoder, ids: list[list[int]], **kwargs: Any) -> np.ndarray[
     return np.stack(out)  # type: ignore[arg-type]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(("dtype", "least"), [("fp32", 0.999999), ("bf16", 0.9999)])
 def test_minilm_dense_vectors_equal_the_fp32_reference(
     dtype: str,

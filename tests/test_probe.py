@@ -176,6 +176,7 @@ print(json.dumps({"status": plan.status, "dtype": encoder.info.dtype,
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_probe_predicts_held_out_passes(dtype: str, tmp_path: Path) -> None:
     """Passes of shapes the probe never ran, each of at least 5 % of the workspace, peak

@@ -145,6 +145,7 @@ def _actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.heavy
 def test_ray_on_s3_with_openvino_equals_the_single_process_job_bad_lines_and_all(
     tmp_path: Path,
     ray_cluster: str,
@@ -218,6 +219,7 @@ def _wait_for_parts(driver: subprocess.Popen[bytes], manifest: Path, parts: int)
         time.sleep(0.05)
 
 
+@pytest.mark.heavy
 def test_a_ray_job_survives_an_actor_killed_and_resumes_when_killed_whole(
     tmp_path: Path, ray_cluster: str, bge_trio_here: RunHere
 ) -> None:

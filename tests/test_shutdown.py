@@ -161,6 +161,7 @@ def _env(tmp_path: Path, cache: Path) -> dict[str, str]:
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "stop",
     [_parent_only, _whole_group, _worker_only],
@@ -174,6 +175,7 @@ def test_plain_hypercorn_answers_every_request_on_sigterm(
     _assert_every_request_answered(answers, signalled)
 
 
+@pytest.mark.heavy
 def test_two_hypercorn_workers_answer_every_request_on_a_group_sigterm(
     tmp_path: Path, probe_cache: Path
 ) -> None:
@@ -182,6 +184,7 @@ def test_two_hypercorn_workers_answer_every_request_on_a_group_sigterm(
     _assert_every_request_answered(answers, signalled)
 
 
+@pytest.mark.heavy
 def test_bge_trio_serve_on_openvino_answers_every_request_on_sigterm(
     tmp_path: Path, probe_cache: Path, bundled_source: ModelSource, conversions: Conversions
 ) -> None:
@@ -205,6 +208,7 @@ def test_bge_trio_serve_on_openvino_answers_every_request_on_sigterm(
     _assert_every_request_answered(answers, signalled)
 
 
+@pytest.mark.heavy
 def test_bge_trio_serve_with_two_processes_answers_every_request(
     tmp_path: Path, probe_cache: Path
 ) -> None:
