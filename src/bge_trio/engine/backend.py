@@ -80,6 +80,7 @@ def openvino_directory(settings: Settings, source: ModelSource) -> Path:
         torch=torch.__version__,
         transformers=transformers.__version__,
         openvino=ov_backend.version(),
+        conversion=ov_backend.CONVERSION,
     )
     return settings.cache_dir / f"openvino-{key.digest}"
 
