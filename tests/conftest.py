@@ -228,6 +228,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """``--alone=only`` reads only the test modules that mark a test ``alone`` (a module
+    costs its imports to collect, and the others would all be deselected)."""
+    if config.getoption("alone") != "only" or collection_path.suffix != ".py":
+        return None
+    if not collection_path.name.startswith("test_"):
+        return None
+    return "mark.alone" not in collection_path.read_text() or None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``--alone`` selects by the ``alone`` marker; then the heavy tests first, the other
     slow ones next (each in their modules' order), dealt out to the workers of a parallel

@@ -26,7 +26,7 @@ from tests.conftest import SettingsFactory, running_server
 from tests.encoders import loader_with
 from tests.test_gate import ControllableProbe
 
-DEADLINE_S = 10.0
+DEADLINE_S = 6.0
 TOKENS = 500  # token ids per text, so every text is exactly this long
 
 

@@ -120,6 +120,12 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
         assert (
             drift["last_overrun"]["measured_bytes"] > 2 * drift["last_overrun"]["predicted_bytes"]
         )
+        # from here on passes are planned with the corrected model: no more texts of 256
+        # tokens than fit the workspace at its cost (an upper bound: the per-pass constant
+        # and the express lane's share only lower it); the cut model would plan several
+        # times as many
+        per_text = drift["correction"] * (data["a"] * 256 + data["b"] * 256**2)
+        fits = workspace / per_text
         # then a burst whose batches the uncorrected model would make ~4x the workspace
         # (288 texts of 256 tokens queued at once: batches of up to 256, the largest allowed)
         statuses: list[int] = []
@@ -137,6 +143,8 @@ def test_a_server_with_a_cached_model_too_small_corrects_itself_before_any_oom_k
             t.join(timeout=600)
         assert served.process.poll() is None, "the server died:\n" + "".join(served.stderr[-20:])
         assert statuses == [200] * 4
+        largest = _largest_batch_bound(httpx.get(url + "/metrics").text)
+        assert largest <= 2 * fits, (largest, fits)
         info = httpx.get(url + "/info").json()["memory"]
         assert info["drift"]["confirmed"] or info["drift"]["passes_over_prediction"] == 1
         assert any("above the" in line for line in served.stderr)
@@ -185,6 +193,18 @@ def _tokens(texts: int, length: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     ids: list[list[int]] = rng.integers(1000, 30000, size=(texts, length)).tolist()
     return ids
+
+
+def _largest_batch_bound(text: str) -> float:
+    """The smallest bucket bound of ``bge_trio_batch_size`` (texts per pass, powers of two)
+    that every pass so far is under: less than twice the largest pass."""
+    counts = {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "bge_trio_batch_size_bucket"
+    }
+    return min(bound for bound, count in counts.items() if count == counts[float("inf")])
 
 
 def _correction_gauge(text: str, model: str) -> float:
