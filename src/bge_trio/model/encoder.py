@@ -450,6 +450,13 @@ def _key_padding_mask(
     """
     if min(lengths) == max(lengths):
         return None
+    return attention_mask(config, mask)
+
+
+def attention_mask(config: Any, mask: torch.Tensor) -> torch.Tensor:
+    """The (B, S) padding mask as the transformer takes it: with SDPA attention (B, 1, 1, S),
+    broadcast over the queries (see :func:`_key_padding_mask`; the OpenVINO conversion
+    traces it too), else as it is."""
     if getattr(config, "_attn_implementation", None) == "sdpa":
         return mask[:, None, None, :].bool()
     return mask
