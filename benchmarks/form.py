@@ -10,8 +10,9 @@ allocations, which one part must not pay for another), fp32, predictable allocat
     reading every weight, and after copying every weight into the process's memory;
   - at the probe's depth (two layers), weights resident: served passes at equal token
     counts over many lengths, single texts among them (is the peak a line in B·S?);
-  - transformers' own (B, S) attention mask against the served key-padding mask, the
-    model alone, at padded shapes (what the expanded mask costs);
+  - the (B, 1, S, S) attention mask transformers' models build from the (B, S) one
+    against the served key-padding mask, the transformer alone, at padded shapes (what
+    the expanded mask costs);
   - one layer against two (why the probe keeps two).
 - ``minilm``, the bundled all-MiniLM-L6-v2 at 512 tokens, weights resident: the probe's
   warm-up shape measured twice (the first large pass of a process), the probe's four
@@ -57,9 +58,10 @@ from bge_trio.memory.probe import (
     probe_shapes,
     resident_bytes,
 )
-from bge_trio.model.encoder import Encoder, _key_padding_mask
+from bge_trio.model.encoder import Encoder
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import resolve_model
+from bge_trio.model.transformer import Transformer, key_padding
 from bge_trio.process import prepare_process
 
 MIB = 1 << 20
@@ -103,10 +105,19 @@ def _padded(encoder: Encoder, batch: int, seq: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _model_only(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor | None) -> object:
-    assert encoder.model is not None
+def _model_only(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor, expanded: bool) -> object:
+    """The transformer's pass with the served (B, 1, 1, S) mask, or (``expanded``) with
+    the (B, 1, S, S) mask transformers' models build from the (B, S) one."""
+    model = encoder.model
+    assert isinstance(model, Transformer)
+    attend = key_padding(mask)
+    if expanded:
+        attend = attend.expand(-1, -1, ids.shape[1], -1).contiguous()
     with torch.inference_mode():
-        return encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model.embeddings(ids, None)
+        for layer in model.encoder.layer:
+            hidden = layer(hidden, attend)
+        return hidden
 
 
 def m3_part() -> dict[str, Any]:
@@ -137,13 +148,13 @@ def m3_part() -> dict[str, Any]:
         mask = []
         for batch, seq in M3_MASK_SHAPES:
             ids, padding = _padded(encoder, batch, seq)
-            lengths = [int(n) for n in padding.sum(1)]
-            served = _key_padding_mask(encoder.model, padding, lengths)
             own = _timed(
-                meter, partial(_model_only, encoder, ids, padding), f"(B,S) mask {batch}x{seq}"
+                meter,
+                partial(_model_only, encoder, ids, padding, True),
+                f"(B,S) mask {batch}x{seq}",
             )
             key = _timed(
-                meter, partial(_model_only, encoder, ids, served), f"key mask {batch}x{seq}"
+                meter, partial(_model_only, encoder, ids, padding, False), f"key mask {batch}x{seq}"
             )
             mask.append({"batch": batch, "seq": seq, "expanded_mask": own, "key_padding_mask": key})
     depth = []

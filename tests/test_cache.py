@@ -30,6 +30,7 @@ FIELDS: dict[str, str | int] = {
     "torch": "2.13.0",
     "cpu": "x86_64 Some CPU",
     "threads": 2,
+    "transformer": "bge-trio 1",
 }
 POINTS = (Point(8, 512, 123456), Point(1, 512, 23456))
 WEIGHTS = {".safetensors", ".pt"}

@@ -35,6 +35,7 @@ from bge_trio.model.encoder import SCORE, Encoder, PassAbandoned
 from bge_trio.model.loading import OpenVinoTarget, load_encoder
 from bge_trio.model.source import ModelSource, resolve_model
 from bge_trio.testing.processes import env_for
+from bge_trio.testing.tiny_reranker import build_tiny_bert_cross_encoder
 from tests.command import RunHere
 from tests.conftest import Conversions, running_server, seed_openvino
 from tests.encoders import loader_with
@@ -124,41 +125,14 @@ def test_tiny_m3_outputs_equal_flag_embedding(
             assert weight == pytest.approx(ref.sparse[token], abs=2e-5)
 
 
-def _bert_cross_encoder(directory: Path, tokenizer_from: Path) -> Path:
-    """A tiny BERT-style cross-encoder (random weights): two token types, so a pair's
-    passes carry token type ids, which the converted model takes as a third input."""
-    import shutil
-
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        type_vocab_size=2,
-        architectures=["BertForSequenceClassification"],
-    )
-    config.num_labels = 1
-    model = BertForSequenceClassification(config)
-    with torch.no_grad():  # scores spread wider than rounding, and the types matter
-        torch.nn.init.normal_(model.classifier.weight, std=1.0)
-        torch.nn.init.normal_(model.bert.embeddings.token_type_embeddings.weight, std=1.0)
-    model.save_pretrained(str(directory))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tokenizer_from / name, directory / name)
-    return directory
-
-
 def test_a_bert_cross_encoder_scores_pairs_as_on_torch(
     bundled_source: ModelSource, tmp_path: Path, conversions: Conversions
 ) -> None:
     """A pair's token type ids reach the compiled model (the encoder knows its
     architecture without the torch model): the logits equal torch fp32's."""
-    source = resolve_model(str(_bert_cross_encoder(tmp_path / "bert", bundled_source.path)))
+    source = resolve_model(
+        str(build_tiny_bert_cross_encoder(tmp_path / "bert", bundled_source.path))
+    )
     on_torch = load_encoder(source, dtype="fp32", threads=2)
     assert on_torch.has_segments
     compiled = _openvino(source, conversions(source, "fp32"), "fp32")
@@ -371,15 +345,16 @@ def test_auto_measures_once_and_keeps_its_choice(
 def test_auto_stays_on_torch_where_a_second_copy_does_not_fit(
     bundled_source: ModelSource, tmp_path: Path
 ) -> None:
-    # above what this process holds now (other tests' models too, in a run of many): the
-    # torch model loaded (MiniLM: 90 MB of weights and more) leaves under 300 MB beside
-    # it, less than two compiled copies and the 256 MB headroom
+    # above what this process holds now (other tests' models too, in a run of many) by
+    # the headroom and one copy of the weights: once the torch model is loaded, less is
+    # left than two compiled copies and the headroom
+    weights = (bundled_source.path / "model.safetensors").stat().st_size
     settings = Settings(
         model="bundled",
         dtype="fp32",
         backend="auto",
         cache_dir=tmp_path,
-        memory_limit_bytes=resident_bytes() + (384 << 20),
+        memory_limit_bytes=resident_bytes() + Settings().memory_headroom_bytes + weights,
     )
     assert load_model(settings, bundled_source, threads=2).backend == "torch"
     assert not (openvino_directory(settings, bundled_source) / CHOICE_FILE).exists()

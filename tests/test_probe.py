@@ -129,15 +129,16 @@ print(json.dumps(peaks))
 
 @pytest.mark.slow
 def test_a_two_layer_pass_peaks_where_the_full_depth_does() -> None:
-    """all-MiniLM-L6-v2's six layers and the probe's two peak alike (within 0.2 % when
-    measured); one layer peaks 9 % lower, so one layer would not do."""
+    """all-MiniLM-L6-v2's six layers and the probe's two peak alike (within 0.3 % when
+    measured), and so does one: the embedding output is let go after the first layer (in
+    transformers' BertModel it stayed referenced, and one layer peaked 9 % lower)."""
     done = subprocess.run(
         [sys.executable, "-c", _LAYERS_SCRIPT], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     assert peaks["2"] == pytest.approx(peaks["full"], rel=0.02)
-    assert peaks["1"] < 0.95 * peaks["full"]
+    assert peaks["1"] == pytest.approx(peaks["full"], rel=0.02)
 
 
 def test_a_model_without_more_layers_than_asked_runs_whole(tiny_encoder: Encoder) -> None:

@@ -4,7 +4,9 @@ probe`` and the benchmarks alike, so they all measure the same process.
 - the allocator (``BGE_TRIO_ALLOCATOR``): glibc's mmap threshold, which decides
   whether memory peaks repeat from pass to pass (see :mod:`bge_trio.memory.allocator`);
 - the libraries' own logging: transformers' progress bars and load reports are noise
-  in a server's log (model loading reports what matters itself);
+  in a server's log (model loading reports what matters itself). transformers loads
+  only the architectures :mod:`bge_trio.model.transformer` does not write out, so it is
+  quietened through its environment, and directly where something imported it already;
 - oneDNN's caches of compiled kernels (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, and
   ideep's ``LRU_CACHE_CAPACITY`` above it): bf16 matrix products compile a kernel per
   shape, and both caches keep up to 1,024 of them with their buffers. Every distinct
@@ -19,6 +21,7 @@ probe`` and the benchmarks alike, so they all measure the same process.
 from __future__ import annotations
 
 import os
+import sys
 
 from bge_trio.config import Allocator
 from bge_trio.memory.allocator import configure_allocator
@@ -31,11 +34,13 @@ KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 def prepare_process(allocator: Allocator) -> bool:
     """Apply the allocator, bound the kernel caches and quiet the libraries; False where
     mallopt is missing."""
-    from transformers.utils import logging as hf_logging
-
     for variable in KERNEL_CACHES:
         os.environ.setdefault(variable, str(KERNEL_CACHE_CAPACITY))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already: its environment was read
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     return configure_allocator(allocator)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -69,8 +70,6 @@ def express_tokens(settings: Settings) -> int:
 
 def openvino_directory(settings: Settings, source: ModelSource) -> Path:
     """Where the conversion of this model in the served dtype is cached."""
-    import transformers
-
     dtype, _ = choose_dtype(settings.dtype, bf16_supported())
     key = make_key(
         package=__version__,
@@ -78,7 +77,7 @@ def openvino_directory(settings: Settings, source: ModelSource) -> Path:
         kind=model_kind(source.path),
         dtype=dtype,
         torch=torch.__version__,
-        transformers=transformers.__version__,
+        transformers=_installed("transformers"),
         openvino=ov_backend.version(),
         conversion=ov_backend.CONVERSION,
     )
@@ -183,3 +182,11 @@ def choose_by_measuring(
     del compiled, torch_encoder
     malloc_trim()
     return keep
+
+
+def _installed(package: str) -> str:
+    """The installed version of ``package`` (without importing it), or ``none``."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"

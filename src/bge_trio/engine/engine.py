@@ -429,7 +429,7 @@ class Engine:
         """The tokenizer's pieces for ``ids`` (the model is loaded: a request was served)."""
         if self._encoder is None:
             raise not_ready(self._state.status)
-        return list(self._encoder.tokenizer.convert_ids_to_tokens(list(ids)))
+        return self._encoder.tokenizer.pieces(ids)
 
 
 def _express_reserve(policy: BatchPolicy, lanes: Lanes) -> float:

@@ -40,6 +40,7 @@ from bge_trio.memory.probe import (
     run_probe,
 )
 from bge_trio.model.encoder import Encoder
+from bge_trio.model.transformer import implementation
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ def cache_key_for(encoder: Encoder, settings: Settings) -> dict[str, str | int]:
     }
     if encoder.compiled is not None:  # the backend that serves is the one measured
         key["backend"] = f"{encoder.backend} {encoder.compiled.version}"
+    elif encoder.model is not None:
+        key["transformer"] = implementation(encoder.model)
     return key
 
 

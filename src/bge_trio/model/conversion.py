@@ -47,7 +47,6 @@ def main(argv: list[str]) -> int:
     assert encoder.model is not None  # a torch encoder
     ov_backend.convert(
         encoder.model,
-        encoder.info.kind,
         encoder.has_segments,
         args.directory,
         encoder.shallow,

@@ -22,6 +22,8 @@ import torch
 from bge_trio.model import heads
 from bge_trio.model.pooling import Pooling, pool
 from bge_trio.model.source import ModelSource
+from bge_trio.model.tokens import Tokenizer
+from bge_trio.model.transformer import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,42 +116,36 @@ class Encoder:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         model: torch.nn.Module | None,
         info: ModelInfo,
         sparse_linear: torch.nn.Linear | None,
         colbert_linear: torch.nn.Linear | None,
+        config: ModelConfig,
         *,
         compiled: CompiledTransformer | None = None,
-        config: Any = None,
     ) -> None:
-        """``model``: the torch transformer, or None where ``compiled`` runs it (then
-        ``config`` is its transformers config)."""
+        """``model``: the torch transformer (:mod:`.transformer`), or None where
+        ``compiled`` runs it."""
         self.tokenizer = tokenizer
         self.model = model
         self.compiled = compiled
-        self.config = config if model is None else model.config
+        self.config = config
         self.info = info
         self.sparse_linear = self._sparse = sparse_linear
         self.colbert_linear = self._colbert = colbert_linear
-        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = tokenizer.id_of("pad")
+        self.pad_id: int = 0 if pad is None else pad
         # FlagEmbedding drops these from lexical weights.
         self.unused_ids = frozenset(
-            i
-            for i in (
-                tokenizer.cls_token_id,
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-                tokenizer.unk_token_id,
-            )
-            if i is not None
+            i for role in ("cls", "eos", "pad", "unk") if (i := tokenizer.id_of(role)) is not None
         )
         self.closing_ids = frozenset(
-            i for i in (tokenizer.eos_token_id, tokenizer.sep_token_id) if i is not None
+            i for role in ("eos", "sep") if (i := tokenizer.id_of(role)) is not None
         )
         found = self._layer_list()
         if compiled is not None:
-            self.layers = int(getattr(self.config, "num_hidden_layers", 0) or 0)
+            self.layers = config.num_hidden_layers
         else:
             self.layers = 0 if found is None else len(found[1])
         for layer in () if found is None else found[1]:
@@ -199,8 +195,9 @@ class Encoder:
         For the memory probe: an inference pass frees each layer's intermediates before
         the next layer runs, so every layer after the first peaks alike, and a two-layer
         pass peaks where the full-depth one does (measured on the BGE-M3 architecture by
-        ``benchmarks.m3``; one layer peaks about one hidden state lower, ``benchmarks.form``,
-        because the embedding output it reads stays referenced for the whole pass). Models
+        ``benchmarks.m3``). In transformers' models one layer peaks about one hidden state
+        lower (``benchmarks.form``): the embedding output stays referenced for the whole pass.
+        Our own transformer lets go of it, and one layer peaks as two do; two serve both. Models
         whose layer list cannot be found run at full depth. Not for serving: the gate must be
         closed.
         """
@@ -227,7 +224,7 @@ class Encoder:
         """The encoder's list of layers (named as the model names it), if it has one."""
         if self.model is None:
             return None
-        total = int(getattr(self.config, "num_hidden_layers", 0) or 0)
+        total = self.config.num_hidden_layers
         return next(
             (
                 (name, module)
@@ -241,40 +238,19 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with special tokens, untruncated (so over-long inputs can be reported)."""
-        if not texts:
-            return []
-        encoded = self.tokenizer(
-            list(texts),
-            add_special_tokens=True,
-            truncation=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )
-        return [list(ids) for ids in encoded["input_ids"]]
+        return [list(encoding.ids) for encoding in self.tokenizer.encode(texts)]
 
     def tokens(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[Token]]:
         """Each text's tokens with their text pieces and character offsets."""
-        encoded = self.tokenizer(
-            list(texts),
-            add_special_tokens=add_special_tokens,
-            truncation=False,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            verbose=False,
-        )
         out = []
-        for text, ids, offsets, special in zip(
-            texts,
-            encoded["input_ids"],
-            encoded["offset_mapping"],
-            encoded["special_tokens_mask"],
-            strict=True,
+        for text, encoding in zip(
+            texts, self.tokenizer.encode(texts, add_special_tokens), strict=True
         ):
-            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            ids = encoding.ids
+            pieces = self.tokenizer.pieces(ids)
             row = []
             for token_id, (start, stop), is_special, piece in zip(
-                ids, offsets, special, pieces, strict=True
+                ids, encoding.offsets, encoding.special_tokens_mask, pieces, strict=True
             ):
                 if is_special:
                     row.append(Token(token_id, piece, True, None, None))
@@ -306,7 +282,7 @@ class Encoder:
         ``<s> query </s></s> document </s>``). Never longer than ``longest`` (default:
         ``max_seq_length``).
         """
-        backend = self.tokenizer.backend_tokenizer
+        backend = self.tokenizer.backend
         longest = min(longest or self.info.max_seq_length, self.info.max_seq_length)
         question = backend.encode(query, add_special_tokens=False)
         question.truncate(longest * 3 // 4)
@@ -319,7 +295,7 @@ class Encoder:
 
     @property
     def pair_special_tokens(self) -> int:
-        return int(self.tokenizer.backend_tokenizer.num_special_tokens_to_add(True))
+        return self.tokenizer.special_tokens_to_add(pair=True)
 
     # -- forward ------------------------------------------------------------------------
 
@@ -405,12 +381,10 @@ class Encoder:
             inputs = [ids, mask, *segments.values()]
             return self.compiled.run(inputs, between_layers, express)
         assert self.model is not None
-        attention = _key_padding_mask(self.config, mask, lengths)
+        padded = min(lengths) != max(lengths)  # a batch without padding needs no mask
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=attention, **segments)
-            if self.info.kind == "reranker":
-                return out.logits.float()  # type: ignore[no-any-return]
-            return out.last_hidden_state.float()  # type: ignore[no-any-return]
+            out = self.model(ids, mask if padded else None, segments.get("token_type_ids"))
+            return out.float()  # type: ignore[no-any-return]
 
     def _segments(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Token type ids for models that have them (BERT-style pairs: 0 up to the first
@@ -429,37 +403,9 @@ class Encoder:
         """Whether a pair's passes carry token type ids (BERT-style cross-encoders)."""
         return (
             self.info.kind == "reranker"
-            and int(getattr(self.config, "type_vocab_size", 1) or 1) >= 2
+            and self.config.type_vocab_size >= 2
             and bool(self.closing_ids)
         )
-
-
-def _key_padding_mask(
-    config: Any, mask: torch.Tensor, lengths: Sequence[int]
-) -> torch.Tensor | None:
-    """The attention mask to hand the transformer, chosen for memory.
-
-    Given the (B, S) padding mask, transformers expands it to a (B, 1, S, S) boolean
-    mask, and torch's CPU attention turns that into a float mask of the same shape:
-    up to 5 bytes per B·S² during attention, which raises the peak of two padded
-    8192-token texts by nearly half (``benchmarks.form``).
-    With SDPA attention a (B, 1, 1, S) mask broadcasts over the queries and gives the
-    same vectors (tested against transformers' own mask), so the pass costs what its
-    tokens cost. A batch without padding needs no mask at all. Other attention kinds
-    get the (B, S) mask.
-    """
-    if min(lengths) == max(lengths):
-        return None
-    return attention_mask(config, mask)
-
-
-def attention_mask(config: Any, mask: torch.Tensor) -> torch.Tensor:
-    """The (B, S) padding mask as the transformer takes it: with SDPA attention (B, 1, 1, S),
-    broadcast over the queries (see :func:`_key_padding_mask`; the OpenVINO conversion
-    traces it too), else as it is."""
-    if getattr(config, "_attn_implementation", None) == "sdpa":
-        return mask[:, None, None, :].bool()
-    return mask
 
 
 @attrs.frozen

@@ -16,11 +16,13 @@ from typing import Any
 import attrs
 import torch
 
-from bge_trio.model import heads
+from bge_trio.model import heads, transformer
 from bge_trio.model import openvino as ov_backend
 from bge_trio.model.encoder import Encoder, Kind, ModelConfigError, ModelInfo, Output
 from bge_trio.model.pooling import read_pooling
 from bge_trio.model.source import ModelSource
+from bge_trio.model.tokens import Tokenizer, TokenizerMissing
+from bge_trio.model.transformer import ModelConfig
 
 log = logging.getLogger("bge_trio.model.encoder")
 
@@ -62,17 +64,15 @@ def load_encoder(
     path = source.path
     kind = model_kind(path)
     tokenizer = load_tokenizer(path)
-    if kind == "reranker" and not hasattr(tokenizer, "backend_tokenizer"):
-        raise ModelConfigError(f"{path}: a cross-encoder needs a tokenizer.json to build pairs")
     dtype, reason = choose_dtype(dtype, bf16_supported())
     if openvino is not None and dtype == "int8":
         raise ModelConfigError(
             "BGE_TRIO_BACKEND=openvino serves fp32 or bf16; BGE_TRIO_DTYPE=int8 is torch's"
         )
     # OpenVINO converts the checkpoint in a process of its own: see compile_openvino
-    model = None if openvino is not None else _converted(_transformer(path, kind), dtype)
-    config = _config(path) if model is None else model.config
-    hidden = int(config.hidden_size)
+    config = ModelConfig.read(path)
+    model = None if openvino is not None else _converted(_transformer(path, config, kind), dtype)
+    hidden = config.hidden_size
     reranker = kind == "reranker"
     sparse_linear = None if reranker else heads.load_linear(path / heads.SPARSE_FILE, hidden)
     colbert_linear = None if reranker else heads.load_linear(path / heads.COLBERT_FILE, hidden)
@@ -90,7 +90,7 @@ def load_encoder(
         dimension=hidden,
         max_seq_length=max_seq,
         position_limit=position_limit,
-        vocab_size=int(config.vocab_size),
+        vocab_size=config.vocab_size,
         pooling=read_pooling(path),
         outputs=frozenset(outputs),
         dtype=dtype,
@@ -98,7 +98,7 @@ def load_encoder(
         dtype_reason=reason,
         kind=kind,
     )
-    encoder = Encoder(tokenizer, model, info, sparse_linear, colbert_linear, config=config)
+    encoder = Encoder(tokenizer, model, info, sparse_linear, colbert_linear, config)
     if openvino is None:
         return encoder
     return compile_openvino(encoder, openvino, threads or torch.get_num_threads())
@@ -135,36 +135,17 @@ def compile_openvino(encoder: Encoder, target: OpenVinoTarget, threads: int) -> 
         attrs.evolve(info, backend="openvino"),
         encoder.sparse_linear,
         encoder.colbert_linear,
+        encoder.config,
         compiled=compiled,
-        config=encoder.config,
     )
 
 
-def _config(path: Path) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(path))
-
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def load_tokenizer(path: Path) -> Any:
-    """The checkpoint's tokenizer as its ``tokenizer.json`` writes it, when it has one.
-
-    transformers 5 builds some tokenizers from their class instead of the file
-    (``XLMRobertaTokenizer``: WhitespaceSplit + Metaspace and the class's normaliser), so
-    texts with newlines, tabs, repeated spaces or characters the file's normaliser
-    rewrites get other ids than the checkpoint (and transformers 4, FlagEmbedding, TEI)
-    give them. ``PreTrainedTokenizerFast`` runs the file's pipeline as written, with the
-    special tokens from ``tokenizer_config.json``. A checkpoint without the file (only a
-    SentencePiece or vocabulary file) gets its class's tokenizer.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    if (path / TOKENIZER_FILE).is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The checkpoint's tokenizer (:mod:`.tokens`)."""
+    try:
+        return Tokenizer.read(path)
+    except TokenizerMissing as exc:
+        raise ModelConfigError(str(exc)) from None
 
 
 # FlagEmbedding's FlagReranker reads pairs of at most this many tokens unless told more.
@@ -187,8 +168,17 @@ def model_kind(path: Path) -> Kind:
     return "reranker"
 
 
-def _transformer(path: Path, kind: Kind) -> Any:
-    """The transformer in fp32 and eval mode, its checkpoint checked by :func:`check_weights`."""
+def _transformer(path: Path, config: ModelConfig, kind: Kind) -> torch.nn.Module:
+    """The transformer in fp32 and eval mode, its checkpoint checked by :func:`check_weights`:
+    our own for BERT and (XLM-)RoBERTa (:mod:`.transformer`), transformers' for the rest."""
+    if transformer.written_out(config) and transformer.has_weights(path):
+        model, loading = transformer.load(path, config, kind, labels=1)
+        check_weights(loading.as_dict(), path, unused=())
+        return model
+    return transformer.Wrapped(_transformers_model(path, kind), kind)
+
+
+def _transformers_model(path: Path, kind: Kind) -> Any:
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     auto: Any = AutoModelForSequenceClassification if kind == "reranker" else AutoModel
@@ -214,17 +204,17 @@ def _converted(model: Any, dtype: str) -> Any:
         with warnings.catch_warnings():  # the API is deprecated, and still the simplest
             warnings.simplefilter("ignore")
             model = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-                model, {torch.nn.Linear}, dtype=torch.qint8
+                transformer.with_torch_linears(model), {torch.nn.Linear}, dtype=torch.qint8
             )
     return model
 
 
-def _lengths(config: Any, path: Path, asked: int | None, kind: Kind) -> tuple[int, int]:
+def _lengths(config: ModelConfig, path: Path, asked: int | None, kind: Kind) -> tuple[int, int]:
     """The model's position limit and the longest input to serve (asked, or its default:
     a reranker's pair is at most :data:`RERANK_MAX_LENGTH` tokens, as FlagReranker's)."""
-    position_limit = int(config.max_position_embeddings)
+    position_limit = config.max_position_embeddings
     if config.model_type in _OFFSET_POSITIONS:
-        position_limit -= int(config.pad_token_id) + 1
+        position_limit -= config.pad_token_id + 1
     if kind == "reranker":
         default_max = RERANK_MAX_LENGTH
     else:

@@ -59,10 +59,8 @@ import torch
 from bge_trio.locks import held
 from bge_trio.model.encoder import (
     BetweenLayers,
-    Kind,
     ModelConfigError,
     PassAbandoned,
-    attention_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -99,38 +97,31 @@ def version() -> str:
 # What a conversion holds, beyond the versions it was made with: the conversion cache and
 # the probe cache key on it, so a conversion made another way is made again, and probed.
 # 2: attention gets the padding mask as (B, 1, 1, S), not transformers' (B, 1, S, S)
-CONVERSION = "2"
+# 3: BERT and (XLM-)RoBERTa are converted from our own transformer (.transformer)
+CONVERSION = "3"
 
 
 class _Traced(torch.nn.Module):
-    """What is converted: token ids and the (B, S) padding mask in, fp32 out.
+    """What is converted: token ids, the (B, S) padding mask (and token types) in, fp32 out.
 
-    With SDPA attention the mask goes in as (B, 1, 1, S), broadcast over the queries (as
-    torch serves it, :func:`bge_trio.model.encoder.attention_mask`): from the
-    (B, S) mask transformers builds a (B, 1, S, S) one inside the graph, and OpenVINO's
-    attention then reads S² mask values per head. Measured on the full-size BGE-M3
-    stand-in (bf16, 2 threads, AMX): one 2048-token text 1,379 ms against 1,534 ms with
-    transformers' mask; 4 x 256 and 14 tokens unchanged within noise.
+    The transformer (:mod:`.transformer`) hands attention the mask as (B, 1, 1, S),
+    broadcast over the queries, as torch serves it: with transformers' models the graph
+    built a (B, 1, S, S) mask, and OpenVINO's attention read S² mask values per head.
+    Measured on the full-size BGE-M3 stand-in (bf16, 2 threads, AMX): one 2048-token text
+    1,379 ms against 1,534 ms with transformers' mask; 4 x 256 and 14 tokens unchanged
+    within noise.
     """
 
-    def __init__(self, model: torch.nn.Module, kind: Kind, segments: bool) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.kind = kind
-        self.segments = segments
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        named = dict(zip(("input_ids", "attention_mask", "token_type_ids"), inputs, strict=False))
-        named["attention_mask"] = attention_mask(self.model.config, named["attention_mask"])
-        out = self.model(**named)
-        if self.kind == "reranker":
-            return out.logits.float()  # type: ignore[no-any-return]
-        return out.last_hidden_state.float()  # type: ignore[no-any-return]
+        return self.model(*inputs).float()  # type: ignore[no-any-return]
 
 
 def convert(
     model: torch.nn.Module,
-    kind: Kind,
     segments: bool,
     directory: Path,
     shallow: Callable[[], contextlib.AbstractContextManager[int]],
@@ -157,7 +148,7 @@ def convert(
     inputs = 3 if segments else 2
     example = tuple(torch.ones((2, 8), dtype=torch.long) for _ in range(inputs))
     shapes = [ov.PartialShape([-1, -1]) for _ in range(inputs)]
-    traced = _Traced(model, kind, segments)
+    traced = _Traced(model)
     try:
         # the tracer warns of branches fixed at the example's shape: transformers'
         # causal-mask and cache branches, which an encoder never takes

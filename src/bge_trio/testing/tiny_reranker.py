@@ -68,3 +68,33 @@ def build_tiny_reranker(
         torch.nn.init.zeros_(model.classifier.out_proj.bias)
     model.save_pretrained(str(directory))
     return directory
+
+
+def build_tiny_bert_cross_encoder(directory: Path, tokenizer_from: Path) -> Path:
+    """A tiny BERT-style cross-encoder (random weights, ``BertForSequenceClassification``:
+    the pooler, then a one-logit classifier) with the tokenizer files of the BERT model
+    in ``tokenizer_from`` (all-MiniLM-L6-v2's): two token types, so a pair's passes carry
+    token type ids."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        type_vocab_size=2,
+        architectures=["BertForSequenceClassification"],
+    )
+    config.num_labels = 1
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # scores spread wider than rounding, and the types matter
+        torch.nn.init.normal_(model.classifier.weight, std=1.0)
+        torch.nn.init.normal_(model.bert.embeddings.token_type_embeddings.weight, std=1.0)
+    model.save_pretrained(str(directory))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_from / name, directory / name)
+    return directory
