@@ -113,6 +113,22 @@ def test_a_checkpoint_with_a_prefix_and_old_layer_norm_names_loads_the_same(
         np.testing.assert_array_equal(a.dense, b.dense)
 
 
+def test_a_pytorch_model_bin_checkpoint_loads_the_same(
+    bundled_source: ModelSource, tmp_path: Path
+) -> None:
+    """Checkpoints saved before safetensors (``pytorch_model.bin``, BGE-M3's own among them)."""
+    copy = tmp_path / "bin"
+    shutil.copytree(bundled_source.path, copy)
+    torch.save(load_file(str(copy / "model.safetensors")), copy / "pytorch_model.bin")
+    (copy / "model.safetensors").unlink()
+    original = load_encoder(bundled_source, dtype="fp32", threads=2)
+    loaded = load_encoder(resolve_model(str(copy)), dtype="fp32", threads=2)
+    assert isinstance(loaded.model, Transformer)
+    batch = original.tokenize(TEXTS)
+    for a, b in zip(original.forward(batch), loaded.forward(batch), strict=True):
+        np.testing.assert_array_equal(a.dense, b.dense)
+
+
 def test_other_architectures_are_served_through_transformers(
     bundled_source: ModelSource, tmp_path: Path
 ) -> None:

@@ -61,13 +61,12 @@ class ModelConfig:
     vocab_size: int
     max_position_embeddings: int
     pad_token_id: int
-    type_vocab_size: int = 2
+    type_vocab_size: int = 1
     num_attention_heads: int = 12
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
     position_embedding_type: str = "absolute"
-    architectures: tuple[str, ...] = ()
     raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     @classmethod
@@ -80,19 +79,15 @@ class ModelConfig:
             vocab_size=int(raw.get("vocab_size", 0)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
             pad_token_id=int(raw.get("pad_token_id") or 0),
-            type_vocab_size=int(raw.get("type_vocab_size", 2)),
+            # no field, no token types (transformers writes it for every model that has them)
+            type_vocab_size=int(raw.get("type_vocab_size", 1)),
             num_attention_heads=int(raw.get("num_attention_heads", 12)),
             intermediate_size=int(raw.get("intermediate_size", 3072)),
             hidden_act=str(raw.get("hidden_act", "gelu")),
             layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
             position_embedding_type=str(raw.get("position_embedding_type", "absolute")),
-            architectures=tuple(str(a) for a in raw.get("architectures") or ()),
             raw=raw,
         )
-
-    @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 def written_out(config: ModelConfig) -> bool:
