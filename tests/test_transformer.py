@@ -89,6 +89,16 @@ def test_the_transformer_equals_transformers_model(
         assert len(set(np.round(want[:, 0].numpy(), 4).tolist())) > 3  # the scores differ
 
 
+def _assert_same_vectors(original: ModelSource, copy: Path) -> None:
+    """The copy loads on our own transformer and serves the original's very vectors."""
+    want = load_encoder(original, dtype="fp32", threads=2)
+    got = load_encoder(resolve_model(str(copy)), dtype="fp32", threads=2)
+    assert isinstance(got.model, Transformer)
+    batch = want.tokenize(TEXTS)
+    for a, b in zip(want.forward(batch), got.forward(batch), strict=True):
+        np.testing.assert_array_equal(a.dense, b.dense)
+
+
 def test_a_checkpoint_with_a_prefix_and_old_layer_norm_names_loads_the_same(
     bundled_source: ModelSource, tmp_path: Path
 ) -> None:
@@ -106,11 +116,7 @@ def test_a_checkpoint_with_a_prefix_and_old_layer_norm_names_loads_the_same(
     }
     assert any(k.endswith("gamma") for k in renamed)
     save_file(renamed, str(copy / "model.safetensors"), metadata={"format": "pt"})
-    original = load_encoder(bundled_source, dtype="fp32", threads=2)
-    loaded = load_encoder(resolve_model(str(copy)), dtype="fp32", threads=2)
-    batch = original.tokenize(TEXTS)
-    for a, b in zip(original.forward(batch), loaded.forward(batch), strict=True):
-        np.testing.assert_array_equal(a.dense, b.dense)
+    _assert_same_vectors(bundled_source, copy)
 
 
 def test_a_pytorch_model_bin_checkpoint_loads_the_same(
@@ -121,12 +127,7 @@ def test_a_pytorch_model_bin_checkpoint_loads_the_same(
     shutil.copytree(bundled_source.path, copy)
     torch.save(load_file(str(copy / "model.safetensors")), copy / "pytorch_model.bin")
     (copy / "model.safetensors").unlink()
-    original = load_encoder(bundled_source, dtype="fp32", threads=2)
-    loaded = load_encoder(resolve_model(str(copy)), dtype="fp32", threads=2)
-    assert isinstance(loaded.model, Transformer)
-    batch = original.tokenize(TEXTS)
-    for a, b in zip(original.forward(batch), loaded.forward(batch), strict=True):
-        np.testing.assert_array_equal(a.dense, b.dense)
+    _assert_same_vectors(bundled_source, copy)
 
 
 def test_other_architectures_are_served_through_transformers(
