@@ -26,6 +26,7 @@ FIELDS: dict[str, str | int] = {
     "model": "/models/m3#abc",
     "dtype": "fp32",
     "allocator": "predictable",
+    "tunables": "glibc.malloc.hugetlb=1",
     "max_seq": 8192,
     "torch": "2.13.0",
     "cpu": "x86_64 Some CPU",

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bge_trio.memory.allocator import HUGE_PAGES, huge_pages_on_request, start_tunables
 from bge_trio.testing.processes import HYPERCORN, bge_trio, env_for, serving
 from tests.command import RunHere
 from tests.reference import ReferenceM3, assert_dense_answer
@@ -120,6 +121,28 @@ def test_serve_finishes_in_flight_requests_on_sigterm_and_exits_zero(
     assert drained.group(2) == "0", drained.group(0)
 
 
+@pytest.mark.parametrize("own", [None, "glibc.malloc.arena_max=2"])
+def test_serve_starts_on_huge_pages_where_the_kernel_gives_them(
+    own: str | None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The serving process (the same process id, started again) has glibc's huge-page
+    tunable where the kernel allows huge pages on request; tunables of one's own are kept."""
+    command = [*bge_trio(), "serve", "--model", str(tiny_model_dir), "--port", "0"]
+    env = env_for(tmp_path, dtype="fp32")
+    if own is not None:
+        env["GLIBC_TUNABLES"] = own
+    with serving(command, env) as server:
+        environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+        assert httpx.post(server.url + "/v1/embeddings", json={"input": "a"}).status_code == 200
+    tunables = [e.decode() for e in environ if e.startswith(b"GLIBC_TUNABLES=")]
+    if own is not None:
+        assert tunables == [f"GLIBC_TUNABLES={own}"]
+    elif huge_pages_on_request():
+        assert tunables == [f"GLIBC_TUNABLES={HUGE_PAGES}"]
+    else:
+        assert tunables == []
+
+
 @pytest.mark.heavy
 def test_metrics_add_up_across_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A scrape of either process counts the requests both served (each process's own
@@ -201,6 +224,9 @@ def test_probe_serve_and_embed_run_one_startup_and_plan_alike(
     model the probe printed. The probe and the job run in this process, the server as a
     process of its own."""
     env = env_for(tmp_path, dtype="fp32", BGE_TRIO_PROBE="auto", BGE_TRIO_MAX_SEQ_LENGTH="128")
+    # the server starts with this process's glibc tunables (the probe cache keys on them;
+    # a program would start itself again on huge pages, as `bge-trio probe` run as one does)
+    env["GLIBC_TUNABLES"] = start_tunables()
     probed = bge_trio_here(["probe", "--model", "bundled"], env)
     assert probed.code == 0, probed.stderr
     fit = re.search(

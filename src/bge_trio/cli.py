@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _export_settings(args)
+        if argv is None:  # the program itself, not a call from Python
+            _start_again_with_huge_pages(settings)
         # every model, with its own settings (a reranker's longest input is its own)
         models = []
         for entry in settings.models():
@@ -147,6 +149,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bge_trio.probe_cli import run_probe_command
 
     return max(run_probe_command(own, source) for own, source, _ in models)
+
+
+def _start_again_with_huge_pages(settings: Settings) -> None:
+    """Start this command again (same process id, same arguments) with glibc's huge-page
+    tunable where the predictable allocator can use it (see
+    :mod:`bge_trio.memory.allocator`): glibc reads it only when a process starts. Hypercorn's
+    worker processes inherit it. Does nothing where the tunable is set already."""
+    from bge_trio.memory.allocator import TUNABLES, tunables_to_start_with
+
+    tunables = tunables_to_start_with(settings.allocator, os.environ)
+    if tunables is not None:
+        os.environ[TUNABLES] = tunables
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, sys.orig_argv)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -22,6 +22,7 @@ import torch
 
 from bge_trio import __version__
 from bge_trio.config import Settings
+from bge_trio.memory.allocator import start_tunables
 from bge_trio.memory.budget import Budget, detect_memory_limit
 from bge_trio.memory.cache import (
     CacheKey,
@@ -111,6 +112,7 @@ def cache_key_for(encoder: Encoder, settings: Settings) -> dict[str, str | int]:
         "model": model_identity(info.source),
         "dtype": info.dtype,
         "allocator": settings.allocator,
+        "tunables": start_tunables(),
         "max_seq": info.max_seq_length,
         "torch": torch.__version__,
         "cpu": cpu_identity(),
