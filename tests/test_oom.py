@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bge_trio.memory.allocator import HUGE_PAGES, huge_pages_on_request
 from bge_trio.testing import build_tiny_reranker
 from bge_trio.testing.processes import HYPERCORN, env_for, serving
 from tests.conftest import MEMORY_CGROUP_LIMIT
@@ -24,7 +25,8 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
     backend: str, memory_cgroup: Path, tmp_path: Path
 ) -> None:
     """On either backend: OpenVINO's conversion, its two compiled models and its workspace
-    (handed back after each large pass) stay inside the limit the probe planned for."""
+    (handed back after each large pass) stay inside the limit the probe planned for; torch's
+    passes on huge pages where the kernel gives them."""
     server = [sys.executable, "-m", "bge_trio.cli", "serve", "--model", "bundled", "--port", "0"]
     command = f"echo $$ > {memory_cgroup / 'cgroup.procs'}; exec {shlex.join(server)}"
     env = env_for(
@@ -46,6 +48,11 @@ def test_hammered_with_max_length_batches_inside_a_memory_limit(
         url = served.url
         health = httpx.get(url + "/health").json()
         assert httpx.get(url + "/info").json()["backend"] == backend
+        # the predictable allocator on huge pages where the kernel gives them (the server
+        # started itself again with glibc's tunable): their memory is what is measured here
+        environ = Path(f"/proc/{served.process.pid}/environ").read_bytes().split(b"\0")
+        on_huge_pages = f"GLIBC_TUNABLES={HUGE_PAGES}".encode() in environ
+        assert on_huge_pages == huge_pages_on_request()
         assert health["memory_limit_bytes"] == MEMORY_CGROUP_LIMIT
         assert health["memory_limit_source"].startswith("cgroup1:")
         text = "memory safety under a hard limit " * 80  # past the 256-token maximum

@@ -21,8 +21,6 @@ import trio
 
 from bge_trio import __version__
 from bge_trio.config import PREFIX, ConfigError, Settings
-from bge_trio.model.encoder import ModelConfigError
-from bge_trio.model.loading import model_kind
 from bge_trio.model.source import ModelNotFoundError, resolve_model
 
 # flag -> environment variable suffix
@@ -125,8 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _export_settings(args)
-        if argv is None:  # the program itself, not a call from Python
-            _start_again_with_huge_pages(settings)
+    except ConfigError as exc:
+        print(f"bge-trio: {exc}", file=sys.stderr)
+        return 2
+    if argv is None:  # the program itself, not a call from Python
+        _start_again_with_huge_pages(settings)  # before torch is imported (most of a second)
+    from bge_trio.model.encoder import ModelConfigError
+    from bge_trio.model.loading import model_kind
+
+    try:
         # every model, with its own settings (a reranker's longest input is its own)
         models = []
         for entry in settings.models():
