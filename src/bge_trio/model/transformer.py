@@ -17,8 +17,10 @@ so a checkpoint saved by transformers loads as it is, with or without its ``bert
 ``roberta.`` prefix; :func:`load` reports what is missing, of the wrong shape or unused in
 the form :func:`bge_trio.model.loading.check_weights` reads. An architecture this module
 does not write out (:func:`written_out` says which) is loaded by transformers' ``AutoModel``
-behind the same forward (:class:`Wrapped`). Both give the same vectors as transformers
-(``tests/test_reference.py``, ``tests/test_semantic.py``, ``tests/test_reranker.py``).
+behind the same forward (:class:`Wrapped`). Both give transformers' vectors
+(``tests/test_transformer.py`` compares them directly; ``tests/test_reference.py``,
+``tests/test_semantic.py`` and ``tests/test_reranker.py`` compare the served outputs with
+FlagEmbedding's formulas, sentence-transformers and FlagReranker's).
 """
 
 from __future__ import annotations
