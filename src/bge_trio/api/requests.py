@@ -13,7 +13,7 @@ from bge_trio.api import schemas
 from bge_trio.config import Settings
 from bge_trio.engine import Engine, Engines
 from bge_trio.errors import TimedOut
-from bge_trio.model.encoder import Kind
+from bge_trio.model.transformer import Kind
 
 T = TypeVar("T")
 

@@ -55,7 +55,6 @@ from bge_trio.memory.probe import ProbeProgress
 from bge_trio.model.encoder import (
     SCORE,
     Encoder,
-    Kind,
     ModelConfigError,
     ModelInfo,
     Output,
@@ -64,6 +63,7 @@ from bge_trio.model.encoder import (
 )
 from bge_trio.model.loading import load_encoder
 from bge_trio.model.source import ModelSource
+from bge_trio.model.transformer import Kind
 from bge_trio.scheduler.batching import BatchPolicy
 from bge_trio.scheduler.lanes import Lanes
 from bge_trio.scheduler.scheduler import Scheduler, SchedulerStatistics

@@ -31,9 +31,9 @@ from bge_trio.engine.prepare import LoadEncoder
 from bge_trio.engine.startup import StartupOrder
 from bge_trio.errors import invalid
 from bge_trio.memory.plan import Planner, plan_memory
-from bge_trio.model.encoder import Kind
 from bge_trio.model.loading import load_encoder, model_kind
 from bge_trio.model.source import ModelSource, resolve_model
+from bge_trio.model.transformer import Kind
 from bge_trio.scheduler.lanes import plan_lanes
 
 # what each kind of model serves, for the 400 that names the models that can

@@ -23,16 +23,13 @@ from bge_trio.model import heads
 from bge_trio.model.pooling import Pooling, pool
 from bge_trio.model.source import ModelSource
 from bge_trio.model.tokens import Tokenizer
-from bge_trio.model.transformer import ModelConfig
+from bge_trio.model.transformer import Kind, ModelConfig
 
 log = logging.getLogger(__name__)
 
 Output = Literal["dense", "sparse", "colbert", "score"]
 DENSE: frozenset[Output] = frozenset({"dense"})
 SCORE: frozenset[Output] = frozenset({"score"})  # a cross-encoder's one output
-# An embedding model turns one text into vectors; a reranker (a cross-encoder) reads a
-# (query, document) pair as one sequence and gives its relevance logit.
-Kind = Literal["embedding", "reranker"]
 FloatArray = npt.NDArray[np.float32]
 
 

@@ -18,16 +18,13 @@ import torch
 
 from bge_trio.model import heads, transformer
 from bge_trio.model import openvino as ov_backend
-from bge_trio.model.encoder import Encoder, Kind, ModelConfigError, ModelInfo, Output
+from bge_trio.model.encoder import Encoder, ModelConfigError, ModelInfo, Output
 from bge_trio.model.pooling import read_pooling
 from bge_trio.model.source import ModelSource
 from bge_trio.model.tokens import Tokenizer, TokenizerMissing
-from bge_trio.model.transformer import ModelConfig
+from bge_trio.model.transformer import Kind, ModelConfig
 
 log = logging.getLogger("bge_trio.model.encoder")
-
-# Position-embedding tables of RoBERTa-style models reserve pad_token_id + 1 slots.
-_OFFSET_POSITIONS = {"xlm-roberta", "roberta", "camembert", "xlm-roberta-xl"}
 
 
 @attrs.frozen
@@ -172,7 +169,7 @@ def _transformer(path: Path, config: ModelConfig, kind: Kind) -> torch.nn.Module
     """The transformer in fp32 and eval mode, its checkpoint checked by :func:`check_weights`:
     our own for BERT and (XLM-)RoBERTa (:mod:`.transformer`), transformers' for the rest."""
     if transformer.written_out(config) and transformer.has_weights(path):
-        model, loading = transformer.load(path, config, kind, labels=1)
+        model, loading = transformer.load(path, config, kind)
         check_weights(loading.as_dict(), path, unused=())
         return model
     return transformer.Wrapped(_transformers_model(path, kind), kind)
@@ -213,7 +210,7 @@ def _lengths(config: ModelConfig, path: Path, asked: int | None, kind: Kind) -> 
     """The model's position limit and the longest input to serve (asked, or its default:
     a reranker's pair is at most :data:`RERANK_MAX_LENGTH` tokens, as FlagReranker's)."""
     position_limit = config.max_position_embeddings
-    if config.model_type in _OFFSET_POSITIONS:
+    if config.model_type in transformer.OFFSET_POSITIONS:
         position_limit -= config.pad_token_id + 1
     if kind == "reranker":
         default_max = RERANK_MAX_LENGTH

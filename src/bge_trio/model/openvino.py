@@ -57,11 +57,7 @@ import numpy as np
 import torch
 
 from bge_trio.locks import held
-from bge_trio.model.encoder import (
-    BetweenLayers,
-    ModelConfigError,
-    PassAbandoned,
-)
+from bge_trio.model.encoder import BetweenLayers, ModelConfigError, PassAbandoned
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+# An embedding model turns one text into vectors; a reranker (a cross-encoder) reads a
+# (query, document) pair as one sequence and gives its relevance logit.
 Kind = Literal["embedding", "reranker"]
 # Changes whenever a pass of :class:`Transformer` computes or allocates differently: the
 # probe cache keys on :func:`implementation`.
@@ -42,8 +44,9 @@ VERSION = "1"
 
 # model_type -> the prefix transformers' task models give the base model's weights
 _PREFIXES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta."}
-# RoBERTa-style position tables start after the padding id (see _positions)
-_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta"})
+# RoBERTa-style position tables start after the padding id (see _Embeddings), so they
+# hold pad_token_id + 1 fewer positions than max_position_embeddings says
+OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"})
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": functional.gelu,
     "gelu_new": lambda x: functional.gelu(x, approximate="tanh"),
@@ -161,7 +164,7 @@ class _Embeddings(nn.Module):
         self.position_embeddings = _Embedding(config.max_position_embeddings, hidden)
         self.token_type_embeddings = _Embedding(max(config.type_vocab_size, 1), hidden)
         self.LayerNorm = _LayerNorm(hidden, config.layer_norm_eps)
-        self.offset = config.model_type in _OFFSET_POSITIONS
+        self.offset = config.model_type in OFFSET_POSITIONS
         self.pad_id = config.pad_token_id
 
     def forward(self, ids: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
@@ -267,10 +270,10 @@ class _Dense(nn.Module):
 class _RobertaClassifier(nn.Module):
     """RoBERTa's classification head: ``out_proj(tanh(dense(h[:, 0])))``."""
 
-    def __init__(self, hidden: int, labels: int) -> None:
+    def __init__(self, hidden: int) -> None:
         super().__init__()
         self.dense = Linear(hidden, hidden)
-        self.out_proj = Linear(hidden, labels)
+        self.out_proj = Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(torch.tanh(self.dense(x)))  # type: ignore[no-any-return]
@@ -279,19 +282,19 @@ class _RobertaClassifier(nn.Module):
 class Transformer(nn.Module):
     """A BERT or (XLM-)RoBERTa encoder: token ids, the (B, S) padding mask (None: no
     padding) and token types in; the last hidden state out, or for a cross-encoder
-    (``kind="reranker"``) its (B, labels) logits."""
+    (``kind="reranker"``, one label) its (B, 1) logits."""
 
-    def __init__(self, config: ModelConfig, kind: Kind = "embedding", labels: int = 1) -> None:
+    def __init__(self, config: ModelConfig, kind: Kind = "embedding") -> None:
         super().__init__()
         self.config = config
         self.kind = kind
         self.embeddings = _Embeddings(config)
         self.encoder = _Layers(config)
-        if kind == "reranker" and config.model_type in _OFFSET_POSITIONS:
-            self.classifier: nn.Module = _RobertaClassifier(config.hidden_size, labels)
+        if kind == "reranker" and config.model_type in OFFSET_POSITIONS:
+            self.classifier: nn.Module = _RobertaClassifier(config.hidden_size)
         elif kind == "reranker":  # BERT: the pooler, then a linear classifier
             self.pooler = _Dense(config.hidden_size)
-            self.classifier = Linear(config.hidden_size, labels)
+            self.classifier = Linear(config.hidden_size, 1)
 
     def forward(
         self,
@@ -408,10 +411,10 @@ def _own_names(name: str, prefix: str) -> str:
 _IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.")
 
 
-def load(path: Path, config: ModelConfig, kind: Kind, labels: int) -> tuple[Transformer, Loading]:
+def load(path: Path, config: ModelConfig, kind: Kind) -> tuple[Transformer, Loading]:
     """The transformer with the checkpoint's weights in fp32, in eval mode, and what the
     checkpoint lacked, held in the wrong shape or held beyond the model."""
-    model = Transformer(config, kind, labels)
+    model = Transformer(config, kind)
     expected = model.state_dict()
     prefix = _PREFIXES[config.model_type]
     found: dict[str, torch.Tensor] = {}
